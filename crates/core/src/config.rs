@@ -1,0 +1,489 @@
+//! The one typed configuration of the gateway.
+//!
+//! Sources, lowest precedence first: built-in defaults, the TOML file,
+//! `MESHGATE_*` environment variables, command-line flags (applied by the
+//! binary). [`Config::validate`] runs once at start-up and names the key, the
+//! value and what is allowed for every problem it finds.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::catalog::{PrefixMode, RESOURCE_SEPARATOR};
+
+/// A configuration problem, naming the key and what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    /// The TOML file does not parse or has unknown keys or wrong types.
+    #[error("config file {path}: {message}")]
+    File {
+        /// The file.
+        path: String,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// A key has a value that is not allowed.
+    #[error("config key `{key}` = {value}: {allowed}")]
+    Invalid {
+        /// Dotted key path, e.g. `upstreams[1].url`.
+        key: String,
+        /// The offending value as written.
+        value: String,
+        /// What is allowed instead.
+        allowed: String,
+    },
+    /// Several problems at once.
+    #[error("{} configuration problems:\n  - {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  - "))]
+    Many(Vec<ConfigError>),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One JSON object per line (default; for log shippers).
+    #[default]
+    Json,
+    /// Human-readable lines (for a terminal).
+    Human,
+}
+
+impl LogFormat {
+    /// Parses the configuration spelling.
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s {
+            "json" => Some(LogFormat::Json),
+            "human" => Some(LogFormat::Human),
+            _ => None,
+        }
+    }
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `json` or `human`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `meshgate_server=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Settings of the MCP endpoints served to clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct McpConfig {
+    /// Largest accepted request body, in bytes.
+    pub max_request_body_bytes: usize,
+    /// Accepted `Host` header values (DNS-rebinding protection); `["*"]` disables the check.
+    pub allowed_hosts: Vec<String>,
+    /// Interval of SSE keep-alive comments, in seconds (0 disables them).
+    pub sse_keep_alive_secs: u64,
+    /// Answer plain request/response exchanges as `application/json` instead of SSE.
+    pub json_response: bool,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        McpConfig {
+            max_request_body_bytes: 4 * 1024 * 1024,
+            allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            sse_keep_alive_secs: 15,
+            json_response: false,
+        }
+    }
+}
+
+/// How upstream capabilities are named on the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespacingConfig {
+    /// `always`, `conditional` or `never`.
+    pub prefix_mode: PrefixMode,
+    /// Between upstream name and tool or prompt name.
+    pub separator: String,
+}
+
+impl Default for NamespacingConfig {
+    fn default() -> Self {
+        NamespacingConfig {
+            prefix_mode: PrefixMode::Conditional,
+            separator: "__".into(),
+        }
+    }
+}
+
+/// How the gateway reaches an upstream MCP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamTransport {
+    /// A child process speaking MCP on stdin/stdout.
+    Stdio,
+    /// An MCP server over Streamable HTTP.
+    StreamableHttp,
+}
+
+/// One upstream MCP server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Unique name; the namespace prefix of its tools.
+    pub name: String,
+    /// `stdio` or `streamable_http`.
+    pub transport: UpstreamTransport,
+    /// Program to run (stdio).
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Its arguments (stdio).
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Environment given to the child; nothing else of the gateway's environment
+    /// is passed except `PATH` and `HOME` (stdio).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the child (stdio).
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// Endpoint URL (streamable_http).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Extra HTTP headers sent with every request (streamable_http).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Longest a single call may take, in seconds.
+    #[serde(default = "default_call_timeout")]
+    pub timeout_secs: u64,
+    /// Longest connecting and initializing may take, in seconds.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Whether the upstream is used at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+fn default_call_timeout() -> u64 {
+    60
+}
+fn default_connect_timeout() -> u64 {
+    15
+}
+fn default_true() -> bool {
+    true
+}
+
+/// The gateway's whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: String,
+    /// Directory for the SQLite database and other state.
+    pub data_dir: PathBuf,
+    /// Logging.
+    pub log: LogConfig,
+    /// MCP endpoint settings.
+    pub mcp: McpConfig,
+    /// Naming of upstream capabilities.
+    pub namespacing: NamespacingConfig,
+    /// Upstream MCP servers.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Seconds to let in-flight requests finish on shutdown.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from(".meshgate"),
+            log: LogConfig::default(),
+            mcp: McpConfig::default(),
+            namespacing: NamespacingConfig::default(),
+            upstreams: Vec::new(),
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+/// Environment variables read by [`Config::apply_env`], with their keys.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("MESHGATE_LISTEN", "listen"),
+    ("MESHGATE_DATA_DIR", "data_dir"),
+    ("MESHGATE_LOG_FORMAT", "log.format"),
+    ("MESHGATE_LOG_LEVEL", "log.level"),
+    ("MESHGATE_MCP_MAX_REQUEST_BODY_BYTES", "mcp.max_request_body_bytes"),
+    ("MESHGATE_MCP_ALLOWED_HOSTS", "mcp.allowed_hosts"),
+    ("MESHGATE_MCP_JSON_RESPONSE", "mcp.json_response"),
+    ("MESHGATE_NAMESPACING_PREFIX_MODE", "namespacing.prefix_mode"),
+    ("MESHGATE_NAMESPACING_SEPARATOR", "namespacing.separator"),
+    ("MESHGATE_SHUTDOWN_GRACE_SECS", "shutdown_grace_secs"),
+];
+
+/// Variables the binary itself reads (not configuration keys).
+pub const ENV_VARS_CLI: &[&str] = &["MESHGATE_CONFIG"];
+
+fn invalid(key: &str, value: &str, allowed: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: format!("{value:?}"),
+        allowed: allowed.into(),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, ConfigError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| invalid(key, value, "must be a non-negative whole number"))
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(invalid(key, value, "must be true or false")),
+    }
+}
+
+impl Config {
+    /// Parses a TOML document; `path` is only used in messages.
+    pub fn from_toml(text: &str, path: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::File {
+            path: path.into(),
+            message: e.to_string().trim_end().replace('\n', "\n    "),
+        })
+    }
+
+    /// Applies `MESHGATE_*` variables. An unknown `MESHGATE_*` name is an
+    /// error, so a typo does not silently leave a default in place.
+    pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        for (name, value) in vars {
+            if !name.starts_with("MESHGATE_") || ENV_VARS_CLI.contains(&name.as_str()) {
+                continue;
+            }
+            if let Err(e) = self.apply_one_env(&name, &value) {
+                errors.push(e);
+            }
+        }
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Many(errors)),
+        }
+    }
+
+    fn apply_one_env(&mut self, name: &str, value: &str) -> Result<(), ConfigError> {
+        let Some((_, key)) = ENV_VARS.iter().find(|(n, _)| *n == name) else {
+            let known: Vec<&str> = ENV_VARS.iter().map(|(n, _)| *n).chain(ENV_VARS_CLI.iter().copied()).collect();
+            return Err(invalid(name, value, &format!("unknown environment variable; known are {}", known.join(", "))));
+        };
+        match *key {
+            "listen" => self.listen = value.to_owned(),
+            "data_dir" => self.data_dir = PathBuf::from(value),
+            "log.format" => {
+                self.log.format = LogFormat::parse(value).ok_or_else(|| invalid(key, value, "allowed: json, human"))?
+            }
+            "log.level" => self.log.level = value.to_owned(),
+            "mcp.max_request_body_bytes" => self.mcp.max_request_body_bytes = parse_num(key, value)?,
+            "mcp.allowed_hosts" => {
+                self.mcp.allowed_hosts = value.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
+            }
+            "mcp.json_response" => self.mcp.json_response = parse_bool(key, value)?,
+            "namespacing.prefix_mode" => {
+                self.namespacing.prefix_mode = PrefixMode::parse(value)
+                    .ok_or_else(|| invalid(key, value, &format!("allowed: {}", PrefixMode::ALLOWED)))?
+            }
+            "namespacing.separator" => self.namespacing.separator = value.to_owned(),
+            "shutdown_grace_secs" => self.shutdown_grace_secs = parse_num(key, value)?,
+            _ => return Err(invalid(name, value, "internal: variable without a key")),
+        }
+        Ok(())
+    }
+
+    /// The listen address, parsed.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen
+            .parse()
+            .map_err(|_| invalid("listen", &self.listen, "must be IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080"))
+    }
+
+    /// Checks every setting and reports all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.listen_addr() {
+            errors.push(e);
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            errors.push(invalid("data_dir", "", "must be a directory path"));
+        }
+        if self.mcp.max_request_body_bytes < 1024 {
+            errors.push(invalid(
+                "mcp.max_request_body_bytes",
+                &self.mcp.max_request_body_bytes.to_string(),
+                "must be at least 1024",
+            ));
+        }
+        if self.mcp.allowed_hosts.is_empty() {
+            errors.push(invalid("mcp.allowed_hosts", "[]", "list at least one host, or [\"*\"] to accept any Host"));
+        }
+        let sep = &self.namespacing.separator;
+        if sep.is_empty() || sep.len() > 8 || !sep.chars().all(|c| matches!(c, '_' | '-' | '.')) {
+            errors.push(invalid(
+                "namespacing.separator",
+                sep,
+                "must be 1 to 8 of the characters `_`, `-`, `.` (so prefixed names stay valid MCP tool names)",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, up) in self.upstreams.iter().enumerate() {
+            let k = |field: &str| format!("upstreams[{i}].{field}");
+            let name_ok = !up.name.is_empty()
+                && up.name.len() <= 64
+                && up.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && !up.name.contains(sep.as_str())
+                && !up.name.contains(RESOURCE_SEPARATOR);
+            if !name_ok {
+                errors.push(invalid(
+                    &k("name"),
+                    &up.name,
+                    &format!("must be 1 to 64 characters from A-Z a-z 0-9 - _ and must not contain the separator `{sep}`"),
+                ));
+            } else if !seen.insert(up.name.as_str()) {
+                errors.push(invalid(&k("name"), &up.name, "is used by another upstream; names must be unique"));
+            }
+            match up.transport {
+                UpstreamTransport::Stdio => {
+                    if up.command.as_deref().is_none_or(|c| c.trim().is_empty()) {
+                        errors.push(invalid(&k("command"), "", "a stdio upstream needs the program to run"));
+                    }
+                    if up.url.is_some() {
+                        errors.push(invalid(&k("url"), up.url.as_deref().unwrap_or(""), "only streamable_http upstreams take a url"));
+                    }
+                }
+                UpstreamTransport::StreamableHttp => match up.url.as_deref() {
+                    None => errors.push(invalid(&k("url"), "", "a streamable_http upstream needs its endpoint URL")),
+                    Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                        errors.push(invalid(&k("url"), u, "must start with http:// or https://"))
+                    }
+                    Some(_) => {
+                        if up.command.is_some() {
+                            errors.push(invalid(&k("command"), up.command.as_deref().unwrap_or(""), "only stdio upstreams take a command"));
+                        }
+                    }
+                },
+            }
+            if up.timeout_secs == 0 {
+                errors.push(invalid(&k("timeout_secs"), "0", "must be at least 1"));
+            }
+            if up.connect_timeout_secs == 0 {
+                errors.push(invalid(&k("connect_timeout_secs"), "0", "must be at least 1"));
+            }
+        }
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Many(errors)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_listen_on_loopback_8080() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.listen_addr().unwrap().to_string(), "127.0.0.1:8080");
+        assert_eq!(c.data_dir, PathBuf::from(".meshgate"));
+    }
+
+    #[test]
+    fn example_file_parses_and_validates() {
+        let text = include_str!("../../../meshgate.example.toml");
+        let c = Config::from_toml(text, "meshgate.example.toml").unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_location() {
+        let err = Config::from_toml("lissen = \"x\"\n", "m.toml").unwrap_err().to_string();
+        assert!(err.contains("lissen"), "{err}");
+        assert!(err.contains("m.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_enum_value_lists_the_allowed_ones() {
+        let err = Config::from_toml("[namespacing]\nprefix_mode = \"sometimes\"\n", "m.toml").unwrap_err().to_string();
+        assert!(err.contains("sometimes") && err.contains("always"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_key_value_and_rule() {
+        let c = Config::from_toml(
+            "listen = \"nope\"\n[[upstreams]]\nname = \"a b\"\ntransport = \"streamable_http\"\nurl = \"ftp://x\"\n",
+            "m.toml",
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`listen` = \"nope\""), "{err}");
+        assert!(err.contains("upstreams[0].name"), "{err}");
+        assert!(err.contains("upstreams[0].url") && err.contains("http://"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_upstream_names_are_refused() {
+        let mut c = Config::default();
+        for _ in 0..2 {
+            c.upstreams.push(UpstreamConfig {
+                name: "x".into(),
+                transport: UpstreamTransport::Stdio,
+                command: Some("true".into()),
+                args: vec![],
+                env: Default::default(),
+                cwd: None,
+                url: None,
+                headers: Default::default(),
+                timeout_secs: 1,
+                connect_timeout_secs: 1,
+                enabled: true,
+            });
+        }
+        assert!(c.validate().unwrap_err().to_string().contains("unique"));
+    }
+
+    #[test]
+    fn env_overrides_file_and_rejects_unknown_names() {
+        let mut c = Config::default();
+        c.apply_env([
+            ("MESHGATE_LISTEN".to_string(), "127.0.0.1:9999".to_string()),
+            ("MESHGATE_LOG_FORMAT".to_string(), "human".to_string()),
+            ("MESHGATE_CONFIG".to_string(), "ignored.toml".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ])
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9999");
+        assert_eq!(c.log.format, LogFormat::Human);
+        let err = c.apply_env([("MESHGATE_LISTN".to_string(), "x".to_string())]).unwrap_err().to_string();
+        assert!(err.contains("MESHGATE_LISTN") && err.contains("MESHGATE_LISTEN"), "{err}");
+        let err = c
+            .apply_env([("MESHGATE_MCP_MAX_REQUEST_BODY_BYTES".to_string(), "lots".to_string())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("whole number"), "{err}");
+    }
+}

@@ -1,0 +1,12 @@
+//! The gateway's domain without IO: the typed configuration with its
+//! validation, and the catalog that namespaces upstream tools, prompts and
+//! resources behind one endpoint.
+//!
+//! Architecture invariant: no tokio, no HTTP, no filesystem access here.
+//! Callers hand in strings and get plain values back.
+
+pub mod catalog;
+pub mod config;
+
+pub use catalog::{Catalog, CatalogIssue, Namer, PrefixMode, Route};
+pub use config::{Config, ConfigError, LogFormat, UpstreamConfig, UpstreamTransport};
