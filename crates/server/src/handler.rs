@@ -1,0 +1,516 @@
+//! The MCP server side of the gateway: one [`GatewayHandler`] per client
+//! session answers lists from the merged catalog and forwards calls, reads,
+//! prompt gets, completions and subscriptions to the owning upstream, relaying
+//! progress and cancellation both ways.
+
+// Logging and subscriptions are deprecated in MCP 2026-07-28 but are part of
+// every session-based revision this gateway serves.
+#![allow(deprecated)]
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rmcp::model::{
+    CallToolRequest, CallToolRequestParams, CallToolResponse, CancelledNotificationParam, ClientInfo, ClientRequest,
+    CompleteRequest, CompleteRequestParams, CompleteResult, CustomRequest, CustomResult, ErrorCode, GetPromptRequest,
+    GetPromptRequestParams, GetPromptResponse, Implementation, InitializeRequestParams, InitializeResult, ListPromptsResult,
+    ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, LoggingLevel, PaginatedRequestParams, ProtocolVersion,
+    ReadResourceRequest, ReadResourceRequestParams, ReadResourceResponse, Reference, ResourceContents, ServerCapabilities,
+    ServerInfo, ServerResult, SetLevelRequest, SetLevelRequestParams, SubscribeRequest, SubscribeRequestParams,
+    UnsubscribeRequest, UnsubscribeRequestParams,
+};
+use rmcp::service::{NotificationContext, Peer, PeerRequestOptions, RequestContext};
+use rmcp::{ErrorData as McpError, RoleClient, RoleServer, ServerHandler, ServiceError};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::gateway::{Gateway, Upstream};
+use crate::upstream::{connect, InFlightGuard, ListKind, ProgressMap, RelayTarget, UpstreamConnection, UpstreamRelay};
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Revisions served over sessions (2026-07-28 is not yet served).
+pub const SUPPORTED_VERSIONS: [ProtocolVersion; 4] = [
+    ProtocolVersion::V_2024_11_05,
+    ProtocolVersion::V_2025_03_26,
+    ProtocolVersion::V_2025_06_18,
+    ProtocolVersion::V_2025_11_25,
+];
+
+struct SessionConn {
+    conn: UpstreamConnection,
+    progress: ProgressMap,
+}
+
+struct SessionState {
+    peer: OnceLock<Peer<RoleServer>>,
+    client: OnceLock<ClientInfo>,
+    conns: AsyncMutex<HashMap<usize, Arc<SessionConn>>>,
+    log_level: Mutex<Option<LoggingLevel>>,
+    change_task: Mutex<Option<tokio::task::AbortHandle>>,
+    transport: &'static str,
+    counted: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for SessionState {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.change_task.lock()
+            && let Some(t) = t.take()
+        {
+            t.abort();
+        }
+        if self.counted.load(Ordering::Relaxed) {
+            metrics::gauge!("gateway_connections", "transport" => self.transport).decrement(1.0);
+        }
+    }
+}
+
+/// One client session's view of the gateway.
+#[derive(Clone)]
+pub struct GatewayHandler {
+    gw: Arc<Gateway>,
+    session: u64,
+    state: Arc<SessionState>,
+}
+
+/// Per-call bookkeeping that unregisters progress routing when dropped.
+struct ProgressGuard {
+    map: ProgressMap,
+    token: rmcp::model::ProgressToken,
+}
+
+impl Drop for ProgressGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(&self.token);
+        }
+    }
+}
+
+fn err(code: ErrorCode, msg: String) -> McpError {
+    McpError::new(code, msg, None)
+}
+
+fn record(method: &'static str, tool: Option<&str>, started: Instant, outcome: &'static str) {
+    let elapsed = started.elapsed().as_secs_f64();
+    match tool {
+        Some(t) => {
+            metrics::counter!("mcp_requests_total", "method" => method, "tool" => t.to_owned(), "outcome" => outcome).increment(1);
+        }
+        None => {
+            metrics::counter!("mcp_requests_total", "method" => method, "outcome" => outcome).increment(1);
+        }
+    }
+    metrics::histogram!("mcp_request_duration_seconds", "method" => method).record(elapsed);
+}
+
+fn outcome<T>(r: &Result<T, McpError>) -> &'static str {
+    if r.is_ok() { "ok" } else { "error" }
+}
+
+impl GatewayHandler {
+    /// A handler for a new session over `transport` (`streamable_http`, `sse`).
+    pub fn new(gw: Arc<Gateway>, transport: &'static str) -> GatewayHandler {
+        GatewayHandler {
+            gw,
+            session: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+            state: Arc::new(SessionState {
+                peer: OnceLock::new(),
+                client: OnceLock::new(),
+                conns: AsyncMutex::new(HashMap::new()),
+                log_level: Mutex::new(None),
+                change_task: Mutex::new(None),
+                transport,
+                counted: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
+    }
+
+    fn upstream(&self, index: usize) -> Result<&Arc<Upstream>, McpError> {
+        self.gw
+            .upstreams
+            .get(index)
+            .ok_or_else(|| err(ErrorCode::INTERNAL_ERROR, format!("internal: no upstream #{index}")))
+    }
+
+    /// The connection to use for a call to `up`: this session's own connection
+    /// for Streamable HTTP upstreams, the shared one for stdio upstreams.
+    async fn connection(
+        &self,
+        up: &Arc<Upstream>,
+        client_peer: &Peer<RoleServer>,
+    ) -> Result<(Peer<RoleClient>, ProgressMap, Option<InFlightGuard>), McpError> {
+        let unavailable = |why: String| {
+            metrics::counter!("gateway_errors_total", "type" => "upstream_unavailable").increment(1);
+            err(
+                ErrorCode::INTERNAL_ERROR,
+                format!(
+                    "upstream `{}` is unavailable: {why}; its tools fail until it recovers (see GET /health/upstreams/{}), other upstreams are unaffected",
+                    up.config.name, up.config.name
+                ),
+            )
+        };
+        if !up.config.enabled {
+            return Err(err(
+                ErrorCode::INVALID_REQUEST,
+                format!("upstream `{}` is disabled in the configuration", up.config.name),
+            ));
+        }
+        if !up.per_session() {
+            let shared = up
+                .shared()
+                .await
+                .filter(|s| !s.conn.is_transport_closed())
+                .ok_or_else(|| unavailable(up.status().0.label().to_owned() + " (no live connection)"))?;
+            let guard = up.inflight.enter(self.session, client_peer.clone());
+            return Ok((shared.conn.peer().clone(), shared.progress.clone(), Some(guard)));
+        }
+        let mut conns = self.state.conns.lock().await;
+        if let Some(c) = conns.get(&up.index) {
+            if !c.conn.is_transport_closed() {
+                return Ok((c.conn.peer().clone(), c.progress.clone(), None));
+            }
+            conns.remove(&up.index);
+        }
+        let (relay, progress) = UpstreamRelay::new(
+            up.index,
+            &up.config.name,
+            self.gw.namer.clone(),
+            RelayTarget::Session(client_peer.clone()),
+            self.state.client.get(),
+            self.gw.change_events(),
+        );
+        let conn = connect(&up.config, relay, &self.gw.http).await.map_err(|e| {
+            self.gw.report_failure(up, &e.to_string());
+            unavailable(e.to_string())
+        })?;
+        let level = self.state.log_level.lock().ok().and_then(|l| *l);
+        if let Some(level) = level
+            && conn.peer_info().is_some_and(|i| i.capabilities.logging.is_some())
+        {
+            let _ = conn.peer().set_level(SetLevelRequestParams::new(level)).await;
+        }
+        let peer = conn.peer().clone();
+        conns.insert(up.index, Arc::new(SessionConn { conn, progress: progress.clone() }));
+        Ok((peer, progress, None))
+    }
+
+    /// Sends `request` to upstream `index` on behalf of the client request in `ctx`.
+    async fn forward(&self, index: usize, request: ClientRequest, ctx: &RequestContext<RoleServer>) -> Result<ServerResult, McpError> {
+        let up = self.upstream(index)?.clone();
+        let (peer, progress, _inflight) = self.connection(&up, &ctx.peer).await?;
+        let client_token = ctx.meta.get_progress_token();
+        let mut options = PeerRequestOptions::no_options();
+        options.timeout = Some(Duration::from_secs(up.config.timeout_secs));
+        options.meta = Some(ctx.meta.clone());
+        let handle = peer.send_request_with_option(request, options).await.map_err(|e| {
+            err(
+                ErrorCode::INTERNAL_ERROR,
+                format!("upstream `{}` is unavailable: {e}; retry shortly", up.config.name),
+            )
+        })?;
+        let _progress = client_token.map(|token| {
+            if let Ok(mut m) = progress.lock() {
+                m.insert(handle.progress_token.clone(), (token, ctx.peer.clone()));
+            }
+            ProgressGuard { map: progress.clone(), token: handle.progress_token.clone() }
+        });
+        let id = handle.id.clone();
+        let result = tokio::select! {
+            r = handle.await_response() => r,
+            _ = ctx.ct.cancelled() => {
+                let _ = peer
+                    .notify_cancelled(CancelledNotificationParam::new(Some(id), Some("cancelled by the client".into())))
+                    .await;
+                metrics::counter!("gateway_cancellations_total").increment(1);
+                return Err(err(ErrorCode::INTERNAL_ERROR, "request cancelled by the client".into()));
+            }
+        };
+        match result {
+            Ok(r) => Ok(r),
+            Err(ServiceError::McpError(e)) => Err(e),
+            Err(ServiceError::Timeout { timeout }) => {
+                metrics::counter!("gateway_errors_total", "type" => "upstream_timeout").increment(1);
+                Err(err(
+                    ErrorCode::INTERNAL_ERROR,
+                    format!(
+                        "upstream `{}` did not answer within {}s (timeout_secs); the request was cancelled upstream",
+                        up.config.name,
+                        timeout.as_secs()
+                    ),
+                ))
+            }
+            Err(e) => {
+                metrics::counter!("gateway_errors_total", "type" => "upstream_transport").increment(1);
+                self.gw.report_failure(&up, &e.to_string());
+                Err(err(
+                    ErrorCode::INTERNAL_ERROR,
+                    format!("upstream `{}` failed while answering: {e}", up.config.name),
+                ))
+            }
+        }
+    }
+
+    /// Finds the upstream and original URI of an exposed resource URI.
+    fn route_uri(&self, uri: &str) -> Result<(usize, String), McpError> {
+        let gw = &self.gw;
+        if gw.namer.prefixed {
+            return match gw.namer.split_uri(uri, |n| gw.upstream_named(n).is_some()) {
+                Some((name, original)) => {
+                    let idx = gw.upstream_named(name).map(|u| u.index).unwrap_or_default();
+                    Ok((idx, original.to_owned()))
+                }
+                None => Err(err(
+                    ErrorCode::RESOURCE_NOT_FOUND,
+                    format!("resource `{uri}` names no upstream; exposed URIs look like <upstream>+<uri>, as resources/list shows"),
+                )),
+            };
+        }
+        let snap = gw.snapshot();
+        if let Some(r) = snap.resource_routes.resolve(uri) {
+            return Ok((r.upstream, r.original.clone()));
+        }
+        let enabled: Vec<&Arc<Upstream>> = gw.upstreams.iter().filter(|u| u.config.enabled).collect();
+        if let [only] = enabled.as_slice() {
+            return Ok((only.index, uri.to_owned()));
+        }
+        for up in &enabled {
+            let listing = up.listing();
+            if listing.templates.iter().any(|t| {
+                let fixed = t.uri_template.split('{').next().unwrap_or_default();
+                !fixed.is_empty() && uri.starts_with(fixed)
+            }) {
+                return Ok((up.index, uri.to_owned()));
+            }
+        }
+        Err(err(ErrorCode::RESOURCE_NOT_FOUND, format!("no upstream provides resource `{uri}`; see resources/list")))
+    }
+
+    fn start_change_forwarding(&self, peer: Peer<RoleServer>) {
+        let mut rx = self.gw.subscribe_changes();
+        let task = tokio::spawn(async move {
+            loop {
+                let kind = match rx.recv().await {
+                    Ok(k) => k,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => ListKind::Tools,
+                    Err(_) => return,
+                };
+                let sent = match kind {
+                    ListKind::Tools => peer.notify_tool_list_changed().await,
+                    ListKind::Prompts => peer.notify_prompt_list_changed().await,
+                    ListKind::Resources => peer.notify_resource_list_changed().await,
+                };
+                if sent.is_err() && peer.is_transport_closed() {
+                    return;
+                }
+            }
+        });
+        if let Ok(mut t) = self.state.change_task.lock() {
+            if let Some(old) = t.replace(task.abort_handle()) {
+                old.abort();
+            }
+        }
+    }
+}
+
+impl ServerHandler for GatewayHandler {
+    fn get_info(&self) -> ServerInfo {
+        let capabilities = ServerCapabilities::builder()
+            .enable_tools()
+            .enable_tool_list_changed()
+            .enable_prompts()
+            .enable_prompts_list_changed()
+            .enable_resources()
+            .enable_resources_subscribe()
+            .enable_resources_list_changed()
+            .enable_logging()
+            .enable_completions()
+            .build();
+        let names: Vec<&str> = self.gw.upstreams.iter().filter(|u| u.config.enabled).map(|u| u.config.name.as_str()).collect();
+        InitializeResult::new(capabilities)
+            .with_server_info(Implementation::new("meshgate", env!("CARGO_PKG_VERSION")))
+            .with_protocol_version(ProtocolVersion::V_2025_11_25)
+            .with_instructions(format!("meshgate MCP gateway federating upstreams: {}", names.join(", ")))
+    }
+
+    fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
+        Cow::Borrowed(&SUPPORTED_VERSIONS)
+    }
+
+    async fn initialize(&self, request: InitializeRequestParams, context: RequestContext<RoleServer>) -> Result<InitializeResult, McpError> {
+        context.peer.set_peer_info(request.clone());
+        let _ = self.state.client.set(request.clone());
+        if self.state.peer.set(context.peer.clone()).is_ok() {
+            self.start_change_forwarding(context.peer.clone());
+            if !self.state.counted.swap(true, Ordering::Relaxed) {
+                metrics::gauge!("gateway_connections", "transport" => self.state.transport).increment(1.0);
+                metrics::counter!("gateway_connections_total", "transport" => self.state.transport).increment(1);
+            }
+        }
+        let started = Instant::now();
+        let r = self.negotiate_initialize(&request);
+        record("initialize", None, started, outcome(&r));
+        r
+    }
+
+    async fn list_tools(&self, _request: Option<PaginatedRequestParams>, _ctx: RequestContext<RoleServer>) -> Result<ListToolsResult, McpError> {
+        let started = Instant::now();
+        let r = Ok(ListToolsResult::with_all_items(self.gw.snapshot().tools.clone()));
+        record("tools/list", None, started, "ok");
+        r
+    }
+
+    async fn call_tool(&self, mut request: CallToolRequestParams, ctx: RequestContext<RoleServer>) -> Result<CallToolResponse, McpError> {
+        let started = Instant::now();
+        let exposed = request.name.to_string();
+        let snap = self.gw.snapshot();
+        let Some(route) = snap.tool_routes.resolve(&exposed).cloned() else {
+            metrics::counter!("gateway_errors_total", "type" => "unknown_tool").increment(1);
+            record("tools/call", None, started, "unknown_tool");
+            return Err(err(
+                ErrorCode::INVALID_PARAMS,
+                format!("unknown tool `{exposed}`: no upstream provides it; call tools/list for the available tools"),
+            ));
+        };
+        drop(snap);
+        request.name = route.original.into();
+        let r = self.forward(route.upstream, ClientRequest::CallToolRequest(CallToolRequest::new(request)), &ctx).await;
+        let r = match r {
+            Ok(ServerResult::CallToolResult(res)) => {
+                let o = if res.is_error == Some(true) { "tool_error" } else { "ok" };
+                record("tools/call", Some(&exposed), started, o);
+                return Ok(CallToolResponse::Complete(res));
+            }
+            Ok(ServerResult::InputRequiredResult(res)) => Ok(CallToolResponse::InputRequired(res)),
+            Ok(ServerResult::CreateTaskResult(res)) => Ok(CallToolResponse::Task(res)),
+            Ok(_) => Err(err(ErrorCode::INTERNAL_ERROR, "upstream answered tools/call with an unexpected result type".into())),
+            Err(e) => Err(e),
+        };
+        record("tools/call", Some(&exposed), started, outcome(&r));
+        r
+    }
+
+    async fn list_prompts(&self, _request: Option<PaginatedRequestParams>, _ctx: RequestContext<RoleServer>) -> Result<ListPromptsResult, McpError> {
+        Ok(ListPromptsResult::with_all_items(self.gw.snapshot().prompts.clone()))
+    }
+
+    async fn get_prompt(&self, mut request: GetPromptRequestParams, ctx: RequestContext<RoleServer>) -> Result<GetPromptResponse, McpError> {
+        let started = Instant::now();
+        let route = self.gw.snapshot().prompt_routes.resolve(&request.name).cloned().ok_or_else(|| {
+            err(
+                ErrorCode::INVALID_PARAMS,
+                format!("unknown prompt `{}`: no upstream provides it; call prompts/list", request.name),
+            )
+        })?;
+        request.name = route.original;
+        let r = match self.forward(route.upstream, ClientRequest::GetPromptRequest(GetPromptRequest::new(request)), &ctx).await {
+            Ok(ServerResult::GetPromptResult(res)) => Ok(GetPromptResponse::Complete(res)),
+            Ok(ServerResult::InputRequiredResult(res)) => Ok(GetPromptResponse::InputRequired(res)),
+            Ok(_) => Err(err(ErrorCode::INTERNAL_ERROR, "upstream answered prompts/get with an unexpected result type".into())),
+            Err(e) => Err(e),
+        };
+        record("prompts/get", None, started, outcome(&r));
+        r
+    }
+
+    async fn list_resources(&self, _request: Option<PaginatedRequestParams>, _ctx: RequestContext<RoleServer>) -> Result<ListResourcesResult, McpError> {
+        Ok(ListResourcesResult::with_all_items(self.gw.snapshot().resources.clone()))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, McpError> {
+        Ok(ListResourceTemplatesResult::with_all_items(self.gw.snapshot().templates.clone()))
+    }
+
+    async fn read_resource(&self, mut request: ReadResourceRequestParams, ctx: RequestContext<RoleServer>) -> Result<ReadResourceResponse, McpError> {
+        let started = Instant::now();
+        let (idx, original) = self.route_uri(&request.uri)?;
+        let name = self.upstream(idx)?.config.name.clone();
+        request.uri = original;
+        let r = match self.forward(idx, ClientRequest::ReadResourceRequest(ReadResourceRequest::new(request)), &ctx).await {
+            Ok(ServerResult::ReadResourceResult(mut res)) => {
+                for c in res.contents.iter_mut() {
+                    match c {
+                        ResourceContents::TextResourceContents { uri, .. } | ResourceContents::BlobResourceContents { uri, .. } => {
+                            *uri = self.gw.namer.uri(&name, uri);
+                        }
+                        #[allow(unreachable_patterns)]
+                        _ => {}
+                    }
+                }
+                Ok(ReadResourceResponse::Complete(res))
+            }
+            Ok(ServerResult::InputRequiredResult(res)) => Ok(ReadResourceResponse::InputRequired(res)),
+            Ok(_) => Err(err(ErrorCode::INTERNAL_ERROR, "upstream answered resources/read with an unexpected result type".into())),
+            Err(e) => Err(e),
+        };
+        record("resources/read", None, started, outcome(&r));
+        r
+    }
+
+    async fn subscribe(&self, mut request: SubscribeRequestParams, ctx: RequestContext<RoleServer>) -> Result<(), McpError> {
+        let (idx, original) = self.route_uri(&request.uri)?;
+        request.uri = original;
+        self.forward(idx, ClientRequest::SubscribeRequest(SubscribeRequest::new(request)), &ctx).await.map(|_| ())
+    }
+
+    async fn unsubscribe(&self, mut request: UnsubscribeRequestParams, ctx: RequestContext<RoleServer>) -> Result<(), McpError> {
+        let (idx, original) = self.route_uri(&request.uri)?;
+        request.uri = original;
+        self.forward(idx, ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(request)), &ctx).await.map(|_| ())
+    }
+
+    async fn complete(&self, mut request: CompleteRequestParams, ctx: RequestContext<RoleServer>) -> Result<CompleteResult, McpError> {
+        let idx = match &mut request.r#ref {
+            Reference::Prompt(p) => {
+                let route = self.gw.snapshot().prompt_routes.resolve(&p.name).cloned().ok_or_else(|| {
+                    err(ErrorCode::INVALID_PARAMS, format!("unknown prompt `{}` in completion reference; call prompts/list", p.name))
+                })?;
+                p.name = route.original;
+                route.upstream
+            }
+            Reference::Resource(r) => {
+                let (idx, original) = self.route_uri(&r.uri)?;
+                r.uri = original;
+                idx
+            }
+            _ => return Err(err(ErrorCode::INVALID_PARAMS, "unsupported completion reference type; use ref/prompt or ref/resource".into())),
+        };
+        match self.forward(idx, ClientRequest::CompleteRequest(CompleteRequest::new(request)), &ctx).await? {
+            ServerResult::CompleteResult(res) => Ok(res),
+            _ => Err(err(ErrorCode::INTERNAL_ERROR, "upstream answered completion/complete with an unexpected result type".into())),
+        }
+    }
+
+    async fn set_level(&self, request: SetLevelRequestParams, _ctx: RequestContext<RoleServer>) -> Result<(), McpError> {
+        if let Ok(mut l) = self.state.log_level.lock() {
+            *l = Some(request.level);
+        }
+        let conns: Vec<Arc<SessionConn>> = self.state.conns.lock().await.values().cloned().collect();
+        for c in conns {
+            if c.conn.peer_info().is_some_and(|i| i.capabilities.logging.is_some()) {
+                let _ = c
+                    .conn
+                    .peer()
+                    .send_request(ClientRequest::SetLevelRequest(SetLevelRequest::new(SetLevelRequestParams::new(request.level))))
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_custom_request(&self, request: CustomRequest, _ctx: RequestContext<RoleServer>) -> Result<CustomResult, McpError> {
+        metrics::counter!("gateway_errors_total", "type" => "method_not_found").increment(1);
+        Err(err(
+            ErrorCode::METHOD_NOT_FOUND,
+            format!("method `{}` is not part of MCP as served by meshgate; see the protocol revisions listed in docs/protocol.md", request.method),
+        ))
+    }
+
+    async fn on_initialized(&self, _context: NotificationContext<RoleServer>) {}
+}

@@ -1,0 +1,302 @@
+//! The HTTP surface: routes, the trace-id layer, the JSON-RPC pre-check in
+//! front of the MCP transports, and health, readiness and metrics endpoints.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use meshgate_protocol::{check_envelope, ProtocolRevision};
+use metrics_exporter_prometheus::PrometheusHandle;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use serde_json::{json, Value};
+use tracing::Instrument;
+
+use crate::gateway::Gateway;
+use crate::handler::GatewayHandler;
+use crate::legacy::{self, LegacySessions};
+use crate::sessions::StoreSessions;
+use crate::upstream::UpstreamStatus;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// The gateway.
+    pub gw: Arc<Gateway>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// Open legacy SSE sessions.
+    pub legacy: Arc<LegacySessions>,
+}
+
+/// A JSON-RPC error response with the HTTP status that goes with it.
+pub fn jsonrpc_error(status: StatusCode, id: Option<Value>, code: i32, message: String) -> Response {
+    metrics::counter!("gateway_errors_total", "type" => "bad_request").increment(1);
+    let body = json!({"jsonrpc": "2.0", "id": id.unwrap_or(Value::Null), "error": {"code": code, "message": message}});
+    (status, Json(body)).into_response()
+}
+
+/// Reads a request body up to `limit` bytes and checks it is one JSON-RPC message.
+pub async fn read_checked_body(body: Body, limit: usize) -> Result<Bytes, Response> {
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            jsonrpc_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                None,
+                -32600,
+                format!("request body exceeds {limit} bytes (mcp.max_request_body_bytes); send a smaller message"),
+            )
+        } else {
+            jsonrpc_error(StatusCode::BAD_REQUEST, None, -32700, format!("could not read the request body: {e}"))
+        }
+    })?;
+    if let Err((e, id)) = check_envelope(&bytes) {
+        return Err(jsonrpc_error(StatusCode::BAD_REQUEST, id, e.code().code(), e.to_string()));
+    }
+    Ok(bytes)
+}
+
+fn check_protocol_header(req: &Request) -> Result<(), Response> {
+    if let Some(v) = req.headers().get("mcp-protocol-version") {
+        let s = v.to_str().unwrap_or("<not text>");
+        if ProtocolRevision::parse(s).is_none() {
+            return Err(jsonrpc_error(
+                StatusCode::BAD_REQUEST,
+                None,
+                -32600,
+                format!(
+                    "unsupported MCP-Protocol-Version `{s}`; this gateway speaks {}",
+                    ProtocolRevision::supported_list()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn mcp_precheck(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    if let Err(r) = check_protocol_header(&req) {
+        return r;
+    }
+    let session = req.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let resp = if req.method() != Method::POST {
+        next.run(req).await
+    } else {
+        let (parts, body) = req.into_parts();
+        match read_checked_body(body, limit).await {
+            Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+            Err(r) => return r,
+        }
+    };
+    explain_transport_error(resp, session.as_deref()).await
+}
+
+/// Turns the transport's plain-text 4xx answers into JSON-RPC errors that say
+/// what to do, keeping the status code.
+async fn explain_transport_error(resp: Response, session: Option<&str>) -> Response {
+    let status = resp.status();
+    let is_text = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| ct.starts_with("text/plain"));
+    if !status.is_client_error() || !is_text {
+        return resp;
+    }
+    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024).await.unwrap_or_default();
+    let detail = String::from_utf8_lossy(&body).trim().to_owned();
+    let message = match status {
+        StatusCode::NOT_FOUND => format!(
+            "session `{}` not found: it expired, was ended with DELETE, or never existed; send a new initialize without Mcp-Session-Id",
+            session.unwrap_or("")
+        ),
+        StatusCode::BAD_REQUEST if detail.contains("Session ID is required") => {
+            "missing Mcp-Session-Id header: send initialize first and repeat the Mcp-Session-Id it returns on every request".to_owned()
+        }
+        StatusCode::NOT_ACCEPTABLE => format!("{detail} (set the Accept header to `application/json, text/event-stream`)"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => format!("{detail} (set Content-Type: application/json)"),
+        _ => detail,
+    };
+    jsonrpc_error(status, None, -32600, message)
+}
+
+/// Trace-id layer: echoes a valid `X-Trace-ID` or makes one, runs the request
+/// in a span that carries it, and sets it on the response.
+async fn trace_id(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-trace-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let span = tracing::info_span!("http", trace_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = next.run(req).instrument(span).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-trace-id", v);
+    }
+    resp
+}
+
+/// Builds the application router.
+pub fn router(state: AppState) -> Router {
+    let gw = state.gw.clone();
+    let cfg = &gw.config.mcp;
+    let mut mcp_config = StreamableHttpServerConfig::default()
+        .with_sse_keep_alive((cfg.sse_keep_alive_secs > 0).then(|| Duration::from_secs(cfg.sse_keep_alive_secs)))
+        .with_json_response(cfg.json_response)
+        .with_cancellation_token(gw.shutdown.child_token())
+        .with_max_request_body_bytes(cfg.max_request_body_bytes);
+    mcp_config = if cfg.allowed_hosts.iter().any(|h| h == "*") {
+        mcp_config.disable_allowed_hosts()
+    } else {
+        mcp_config.with_allowed_hosts(cfg.allowed_hosts.clone())
+    };
+    mcp_config.session_store = Some(Arc::new(StoreSessions::new(gw.store.clone())));
+    let factory_gw = gw.clone();
+    let mcp = StreamableHttpService::new(
+        move || Ok(GatewayHandler::new(factory_gw.clone(), "streamable_http")),
+        Arc::new(LocalSessionManager::default()),
+        mcp_config,
+    );
+    let limit = cfg.max_request_body_bytes;
+    let mcp_routes = Router::new()
+        .route_service("/mcp", mcp)
+        .layer(middleware::from_fn_with_state(limit, mcp_precheck));
+    Router::new()
+        .route("/health", get(health))
+        .route("/health/store", get(health_store))
+        .route("/health/upstreams", get(health_upstreams))
+        .route("/health/upstreams/{name}", get(health_upstream))
+        .route("/health/{component}", get(health_unknown))
+        .route("/ready", get(ready))
+        .route("/metrics", get(render_metrics))
+        .route("/sse", get(legacy::open_stream))
+        .route("/messages", post(legacy::post_message))
+        .with_state(state)
+        .merge(mcp_routes)
+        .layer(middleware::from_fn(trace_id))
+}
+
+fn upstream_json(gw: &Gateway, name: &str) -> Option<(bool, Value)> {
+    let up = gw.upstream_named(name)?;
+    let (status, since) = up.status();
+    let listing = up.listing();
+    let error = match &status {
+        UpstreamStatus::Down(e) => Some(e.clone()),
+        _ => None,
+    };
+    let healthy = matches!(status, UpstreamStatus::Up | UpstreamStatus::Disabled);
+    Some((
+        healthy,
+        json!({
+            "status": status.label(),
+            "since_unix": since,
+            "transport": up.config.transport,
+            "calls_over": if up.per_session() { "one connection per client session" } else { "one shared connection" },
+            "tools": listing.tools.len(),
+            "prompts": listing.prompts.len(),
+            "resources": listing.resources.len(),
+            "error": error,
+        }),
+    ))
+}
+
+async fn store_json(gw: &Gateway) -> (bool, Value) {
+    let started = std::time::Instant::now();
+    match gw.store.schema_version().await {
+        Ok(v) => (
+            true,
+            json!({"status": "up", "backend": gw.store.backend(), "schema_version": v, "latency_ms": started.elapsed().as_secs_f64() * 1000.0}),
+        ),
+        Err(e) => (
+            false,
+            json!({"status": "down", "backend": gw.store.backend(), "error": e.to_string(), "fix": "check the data directory's disk space and permissions"}),
+        ),
+    }
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    let (store_ok, store) = store_json(&s.gw).await;
+    let mut upstreams = serde_json::Map::new();
+    let mut degraded = false;
+    for up in &s.gw.upstreams {
+        if let Some((ok, v)) = upstream_json(&s.gw, &up.config.name) {
+            degraded |= !ok;
+            upstreams.insert(up.config.name.clone(), v);
+        }
+    }
+    let status = if !store_ok { "down" } else if degraded { "degraded" } else { "ok" };
+    let code = if store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = json!({
+        "status": status,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": s.gw.started.elapsed().as_secs(),
+        "components": {"store": store, "upstreams": upstreams},
+    });
+    (code, Json(body)).into_response()
+}
+
+async fn health_store(State(s): State<AppState>) -> Response {
+    let (ok, v) = store_json(&s.gw).await;
+    (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(v)).into_response()
+}
+
+async fn health_upstreams(State(s): State<AppState>) -> Response {
+    let mut all = serde_json::Map::new();
+    let mut ok = true;
+    for up in &s.gw.upstreams {
+        if let Some((healthy, v)) = upstream_json(&s.gw, &up.config.name) {
+            ok &= healthy;
+            all.insert(up.config.name.clone(), v);
+        }
+    }
+    (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(Value::Object(all))).into_response()
+}
+
+async fn health_upstream(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    match upstream_json(&s.gw, &name) {
+        Some((ok, v)) => (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(v)).into_response(),
+        None => {
+            let known: Vec<&str> = s.gw.upstreams.iter().map(|u| u.config.name.as_str()).collect();
+            (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": format!("no upstream named `{name}`; configured upstreams: {}", known.join(", "))})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn health_unknown(Path(component): Path<String>) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": format!("unknown health component `{component}`; use store, upstreams or upstreams/<name>")})),
+    )
+        .into_response()
+}
+
+async fn ready(State(s): State<AppState>) -> Response {
+    if s.gw.is_ready() {
+        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
+    } else if s.gw.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "reason": "shutting down"}))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "reason": "connecting to upstreams"}))).into_response()
+    }
+}
+
+async fn render_metrics(State(s): State<AppState>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,17 @@
+//! The meshgate server: the axum application that serves MCP to clients
+//! (Streamable HTTP at `/mcp`, legacy HTTP+SSE at `/sse` + `/messages`),
+//! federates upstream MCP servers, and exposes health, readiness and metrics.
+//!
+//! Architecture invariant: only this crate knows HTTP status codes and MCP
+//! transports; domain rules live in `meshgate-core`, persistence behind
+//! `meshgate-store`.
+
+pub mod gateway;
+pub mod handler;
+pub mod upstream;
+
+pub use gateway::Gateway;
+pub mod http;
+pub mod legacy;
+pub mod sessions;
+pub mod serve;

@@ -1,0 +1,120 @@
+//! Start-up and shutdown: open the store, record the configured upstreams,
+//! start the gateway, bind, serve until SIGTERM or Ctrl-C, then drain.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use meshgate_core::Config;
+use meshgate_store::{now_ms, SqliteStore, Store, UpstreamRecord};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::gateway::Gateway;
+use crate::http::{router, AppState};
+use crate::legacy::LegacySessions;
+
+/// Installs the Prometheus recorder; call once per process.
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("duration_seconds".into()),
+            &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+        )
+        .context("invalid histogram buckets")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")
+}
+
+/// Opens the data directory and store, and records the configured upstreams.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {} (data_dir / --data-dir)", config.data_dir.display()))?;
+    let store = SqliteStore::open(&config.data_dir).await?;
+    let now = now_ms();
+    for up in &config.upstreams {
+        store
+            .upsert_upstream(&UpstreamRecord {
+                name: up.name.clone(),
+                source: "config".into(),
+                definition: serde_json::to_value(redacted(up))?,
+                created_at: now,
+                updated_at: now,
+            })
+            .await?;
+    }
+    let keep: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
+    store.prune_upstreams("config", &keep).await?;
+    Ok(Arc::new(store))
+}
+
+/// An upstream definition with secret values (headers, env) masked.
+fn redacted(up: &meshgate_core::UpstreamConfig) -> meshgate_core::UpstreamConfig {
+    let mut up = up.clone();
+    for v in up.headers.values_mut().chain(up.env.values_mut()) {
+        *v = "***".into();
+    }
+    up
+}
+
+/// Runs the gateway until a shutdown signal.
+pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let addr = config.listen_addr()?;
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let store = open_store(&config).await?;
+    let shutdown = CancellationToken::new();
+    let gw = Gateway::start(config, store, shutdown.clone())?;
+    let app = router(AppState { gw: gw.clone(), metrics, legacy: Arc::new(LegacySessions::default()) });
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}: is another process using the port? change it with --listen or MESHGATE_LISTEN"))?;
+    let local = listener.local_addr().unwrap_or(addr);
+    tracing::info!(
+        listen = %local,
+        mcp = %format!("http://{local}/mcp"),
+        sse = %format!("http://{local}/sse"),
+        upstreams = gw.upstreams.len(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "meshgate listening"
+    );
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested; draining");
+        signal.cancel();
+    });
+    let drain = shutdown.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move { drain.cancelled().await });
+    let served = tokio::spawn(async move { server.await });
+    shutdown.cancelled().await;
+    match tokio::time::timeout(grace, served).await {
+        Ok(Ok(Ok(()))) => tracing::info!("drained; bye"),
+        Ok(Ok(Err(e))) => return Err(e).context("server error"),
+        Ok(Err(e)) => return Err(anyhow::anyhow!("server task failed: {e}")),
+        Err(_) => tracing::warn!(grace_secs = grace.as_secs(), "open connections did not finish within shutdown_grace_secs; closing them"),
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
