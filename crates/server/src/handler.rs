@@ -31,6 +31,22 @@ use crate::upstream::{connect, InFlightGuard, ListKind, ProgressMap, RelayTarget
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+/// Name of the built-in tool that reports the gateway's upstreams and health.
+pub const STATUS_TOOL: &str = "meshgate_status";
+
+fn status_tool() -> rmcp::model::Tool {
+    let schema = serde_json::json!({"type": "object", "properties": {}, "additionalProperties": false});
+    let schema = match schema {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    rmcp::model::Tool::new(
+        STATUS_TOOL,
+        "Report the meshgate gateway's upstream MCP servers: their health, transport, and how many tools, prompts and resources each offers.",
+        Arc::new(schema),
+    )
+}
+
 /// Revisions served over sessions (2026-07-28 is not yet served).
 pub const SUPPORTED_VERSIONS: [ProtocolVersion; 4] = [
     ProtocolVersion::V_2024_11_05,
@@ -288,6 +304,35 @@ impl GatewayHandler {
         Err(err(ErrorCode::RESOURCE_NOT_FOUND, format!("no upstream provides resource `{uri}`; see resources/list")))
     }
 
+    fn status_report(&self) -> serde_json::Value {
+        let upstreams: Vec<serde_json::Value> = self
+            .gw
+            .upstreams
+            .iter()
+            .map(|u| {
+                let (status, since) = u.status();
+                let listing = u.listing();
+                serde_json::json!({
+                    "name": u.config.name,
+                    "transport": u.config.transport,
+                    "status": status.label(),
+                    "since_unix": since,
+                    "error": match &status { crate::upstream::UpstreamStatus::Down(e) => Some(e.clone()), _ => None },
+                    "tools": listing.tools.len(),
+                    "prompts": listing.prompts.len(),
+                    "resources": listing.resources.len(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "gateway": "meshgate",
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_secs": self.gw.started.elapsed().as_secs(),
+            "tools_exposed": self.gw.snapshot().tools.len(),
+            "upstreams": upstreams,
+        })
+    }
+
     fn start_change_forwarding(&self, peer: Peer<RoleServer>) {
         let mut rx = self.gw.subscribe_changes();
         let task = tokio::spawn(async move {
@@ -357,7 +402,13 @@ impl ServerHandler for GatewayHandler {
 
     async fn list_tools(&self, _request: Option<PaginatedRequestParams>, _ctx: RequestContext<RoleServer>) -> Result<ListToolsResult, McpError> {
         let started = Instant::now();
-        let r = Ok(ListToolsResult::with_all_items(self.gw.snapshot().tools.clone()));
+        let snap = self.gw.snapshot();
+        let mut tools = Vec::with_capacity(snap.tools.len() + 1);
+        if snap.tool_routes.resolve(STATUS_TOOL).is_none() {
+            tools.push(status_tool());
+        }
+        tools.extend(snap.tools.iter().cloned());
+        let r = Ok(ListToolsResult::with_all_items(tools));
         record("tools/list", None, started, "ok");
         r
     }
@@ -367,6 +418,10 @@ impl ServerHandler for GatewayHandler {
         let exposed = request.name.to_string();
         let snap = self.gw.snapshot();
         let Some(route) = snap.tool_routes.resolve(&exposed).cloned() else {
+            if exposed == STATUS_TOOL {
+                record("tools/call", Some(STATUS_TOOL), started, "ok");
+                return Ok(CallToolResponse::Complete(rmcp::model::CallToolResult::structured(self.status_report())));
+            }
             metrics::counter!("gateway_errors_total", "type" => "unknown_tool").increment(1);
             record("tools/call", None, started, "unknown_tool");
             return Err(err(
