@@ -85,7 +85,11 @@ impl Namer {
 
     /// Splits an exposed resource URI into upstream and original URI when
     /// prefixing is on. `None` when the URI carries no known prefix.
-    pub fn split_uri<'a>(&self, uri: &'a str, is_upstream: impl Fn(&str) -> bool) -> Option<(&'a str, &'a str)> {
+    pub fn split_uri<'a>(
+        &self,
+        uri: &'a str,
+        is_upstream: impl Fn(&str) -> bool,
+    ) -> Option<(&'a str, &'a str)> {
         if !self.prefixed {
             return None;
         }
@@ -213,16 +217,27 @@ mod tests {
         assert!(issues.is_empty());
         assert_eq!(cat.resolve("a__x__y").unwrap().original, "x__y");
         assert_eq!(cat.resolve("b__echo").unwrap().upstream, 1);
-        assert_eq!(cat.names().collect::<Vec<_>>(), ["a__x__y", "a__echo", "b__echo"]);
+        assert_eq!(
+            cat.names().collect::<Vec<_>>(),
+            ["a__x__y", "a__echo", "b__echo"]
+        );
     }
 
     #[test]
     fn clash_without_prefix_keeps_first_and_reports_the_second() {
         let namer = Namer::new(PrefixMode::Never, "__", 2);
-        let (cat, issues) = Catalog::build(&namer, [(0, "a", vec!["echo"]), (1, "b", vec!["echo"])], true);
+        let (cat, issues) = Catalog::build(
+            &namer,
+            [(0, "a", vec!["echo"]), (1, "b", vec!["echo"])],
+            true,
+        );
         assert_eq!(cat.resolve("echo").unwrap().upstream, 0);
         assert_eq!(issues.len(), 1);
-        assert!(issues[0].reason.contains("already provided by upstream `a`"));
+        assert!(
+            issues[0]
+                .reason
+                .contains("already provided by upstream `a`")
+        );
     }
 
     #[test]
@@ -238,7 +253,10 @@ mod tests {
         let namer = Namer::new(PrefixMode::Always, "__", 2);
         assert_eq!(namer.uri("fs", "file:///a+b"), "fs+file:///a+b");
         let known = |u: &str| u == "fs";
-        assert_eq!(namer.split_uri("fs+file:///a+b", known), Some(("fs", "file:///a+b")));
+        assert_eq!(
+            namer.split_uri("fs+file:///a+b", known),
+            Some(("fs", "file:///a+b"))
+        );
         assert_eq!(namer.split_uri("other+x://y", known), None);
         let flat = Namer::new(PrefixMode::Never, "__", 2);
         assert_eq!(flat.split_uri("fs+file:///a", known), None);

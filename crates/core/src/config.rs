@@ -223,10 +223,16 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("MESHGATE_DATA_DIR", "data_dir"),
     ("MESHGATE_LOG_FORMAT", "log.format"),
     ("MESHGATE_LOG_LEVEL", "log.level"),
-    ("MESHGATE_MCP_MAX_REQUEST_BODY_BYTES", "mcp.max_request_body_bytes"),
+    (
+        "MESHGATE_MCP_MAX_REQUEST_BODY_BYTES",
+        "mcp.max_request_body_bytes",
+    ),
     ("MESHGATE_MCP_ALLOWED_HOSTS", "mcp.allowed_hosts"),
     ("MESHGATE_MCP_JSON_RESPONSE", "mcp.json_response"),
-    ("MESHGATE_NAMESPACING_PREFIX_MODE", "namespacing.prefix_mode"),
+    (
+        "MESHGATE_NAMESPACING_PREFIX_MODE",
+        "namespacing.prefix_mode",
+    ),
     ("MESHGATE_NAMESPACING_SEPARATOR", "namespacing.separator"),
     ("MESHGATE_SHUTDOWN_GRACE_SECS", "shutdown_grace_secs"),
 ];
@@ -268,7 +274,10 @@ impl Config {
 
     /// Applies `MESHGATE_*` variables. An unknown `MESHGATE_*` name is an
     /// error, so a typo does not silently leave a default in place.
-    pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
         for (name, value) in vars {
             if !name.starts_with("MESHGATE_") || ENV_VARS_CLI.contains(&name.as_str()) {
@@ -287,24 +296,43 @@ impl Config {
 
     fn apply_one_env(&mut self, name: &str, value: &str) -> Result<(), ConfigError> {
         let Some((_, key)) = ENV_VARS.iter().find(|(n, _)| *n == name) else {
-            let known: Vec<&str> = ENV_VARS.iter().map(|(n, _)| *n).chain(ENV_VARS_CLI.iter().copied()).collect();
-            return Err(invalid(name, value, &format!("unknown environment variable; known are {}", known.join(", "))));
+            let known: Vec<&str> = ENV_VARS
+                .iter()
+                .map(|(n, _)| *n)
+                .chain(ENV_VARS_CLI.iter().copied())
+                .collect();
+            return Err(invalid(
+                name,
+                value,
+                &format!(
+                    "unknown environment variable; known are {}",
+                    known.join(", ")
+                ),
+            ));
         };
         match *key {
             "listen" => self.listen = value.to_owned(),
             "data_dir" => self.data_dir = PathBuf::from(value),
             "log.format" => {
-                self.log.format = LogFormat::parse(value).ok_or_else(|| invalid(key, value, "allowed: json, human"))?
+                self.log.format = LogFormat::parse(value)
+                    .ok_or_else(|| invalid(key, value, "allowed: json, human"))?
             }
             "log.level" => self.log.level = value.to_owned(),
-            "mcp.max_request_body_bytes" => self.mcp.max_request_body_bytes = parse_num(key, value)?,
+            "mcp.max_request_body_bytes" => {
+                self.mcp.max_request_body_bytes = parse_num(key, value)?
+            }
             "mcp.allowed_hosts" => {
-                self.mcp.allowed_hosts = value.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
+                self.mcp.allowed_hosts = value
+                    .split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
             }
             "mcp.json_response" => self.mcp.json_response = parse_bool(key, value)?,
             "namespacing.prefix_mode" => {
-                self.namespacing.prefix_mode = PrefixMode::parse(value)
-                    .ok_or_else(|| invalid(key, value, &format!("allowed: {}", PrefixMode::ALLOWED)))?
+                self.namespacing.prefix_mode = PrefixMode::parse(value).ok_or_else(|| {
+                    invalid(key, value, &format!("allowed: {}", PrefixMode::ALLOWED))
+                })?
             }
             "namespacing.separator" => self.namespacing.separator = value.to_owned(),
             "shutdown_grace_secs" => self.shutdown_grace_secs = parse_num(key, value)?,
@@ -315,9 +343,13 @@ impl Config {
 
     /// The listen address, parsed.
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.listen
-            .parse()
-            .map_err(|_| invalid("listen", &self.listen, "must be IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080"))
+        self.listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                &self.listen,
+                "must be IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080",
+            )
+        })
     }
 
     /// Checks every setting and reports all problems at once.
@@ -337,7 +369,11 @@ impl Config {
             ));
         }
         if self.mcp.allowed_hosts.is_empty() {
-            errors.push(invalid("mcp.allowed_hosts", "[]", "list at least one host, or [\"*\"] to accept any Host"));
+            errors.push(invalid(
+                "mcp.allowed_hosts",
+                "[]",
+                "list at least one host, or [\"*\"] to accept any Host",
+            ));
         }
         let sep = &self.namespacing.separator;
         if sep.is_empty() || sep.len() > 8 || !sep.chars().all(|c| matches!(c, '_' | '-' | '.')) {
@@ -352,7 +388,10 @@ impl Config {
             let k = |field: &str| format!("upstreams[{i}].{field}");
             let name_ok = !up.name.is_empty()
                 && up.name.len() <= 64
-                && up.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && up
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
                 && !up.name.contains(sep.as_str())
                 && !up.name.contains(RESOURCE_SEPARATOR);
             if !name_ok {
@@ -362,25 +401,45 @@ impl Config {
                     &format!("must be 1 to 64 characters from A-Z a-z 0-9 - _ and must not contain the separator `{sep}`"),
                 ));
             } else if !seen.insert(up.name.as_str()) {
-                errors.push(invalid(&k("name"), &up.name, "is used by another upstream; names must be unique"));
+                errors.push(invalid(
+                    &k("name"),
+                    &up.name,
+                    "is used by another upstream; names must be unique",
+                ));
             }
             match up.transport {
                 UpstreamTransport::Stdio => {
                     if up.command.as_deref().is_none_or(|c| c.trim().is_empty()) {
-                        errors.push(invalid(&k("command"), "", "a stdio upstream needs the program to run"));
+                        errors.push(invalid(
+                            &k("command"),
+                            "",
+                            "a stdio upstream needs the program to run",
+                        ));
                     }
                     if up.url.is_some() {
-                        errors.push(invalid(&k("url"), up.url.as_deref().unwrap_or(""), "only streamable_http upstreams take a url"));
+                        errors.push(invalid(
+                            &k("url"),
+                            up.url.as_deref().unwrap_or(""),
+                            "only streamable_http upstreams take a url",
+                        ));
                     }
                 }
                 UpstreamTransport::StreamableHttp => match up.url.as_deref() {
-                    None => errors.push(invalid(&k("url"), "", "a streamable_http upstream needs its endpoint URL")),
+                    None => errors.push(invalid(
+                        &k("url"),
+                        "",
+                        "a streamable_http upstream needs its endpoint URL",
+                    )),
                     Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
                         errors.push(invalid(&k("url"), u, "must start with http:// or https://"))
                     }
                     Some(_) => {
                         if up.command.is_some() {
-                            errors.push(invalid(&k("command"), up.command.as_deref().unwrap_or(""), "only stdio upstreams take a command"));
+                            errors.push(invalid(
+                                &k("command"),
+                                up.command.as_deref().unwrap_or(""),
+                                "only stdio upstreams take a command",
+                            ));
                         }
                     }
                 },
@@ -389,7 +448,11 @@ impl Config {
                 errors.push(invalid(&k("timeout_secs"), "0", "must be at least 1"));
             }
             if up.connect_timeout_secs == 0 {
-                errors.push(invalid(&k("connect_timeout_secs"), "0", "must be at least 1"));
+                errors.push(invalid(
+                    &k("connect_timeout_secs"),
+                    "0",
+                    "must be at least 1",
+                ));
             }
         }
         match errors.len() {
@@ -421,14 +484,18 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_with_its_location() {
-        let err = Config::from_toml("lissen = \"x\"\n", "m.toml").unwrap_err().to_string();
+        let err = Config::from_toml("lissen = \"x\"\n", "m.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("lissen"), "{err}");
         assert!(err.contains("m.toml"), "{err}");
     }
 
     #[test]
     fn bad_enum_value_lists_the_allowed_ones() {
-        let err = Config::from_toml("[namespacing]\nprefix_mode = \"sometimes\"\n", "m.toml").unwrap_err().to_string();
+        let err = Config::from_toml("[namespacing]\nprefix_mode = \"sometimes\"\n", "m.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("sometimes") && err.contains("always"), "{err}");
     }
 
@@ -442,7 +509,10 @@ mod tests {
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("`listen` = \"nope\""), "{err}");
         assert!(err.contains("upstreams[0].name"), "{err}");
-        assert!(err.contains("upstreams[0].url") && err.contains("http://"), "{err}");
+        assert!(
+            err.contains("upstreams[0].url") && err.contains("http://"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -478,10 +548,19 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, "127.0.0.1:9999");
         assert_eq!(c.log.format, LogFormat::Human);
-        let err = c.apply_env([("MESHGATE_LISTN".to_string(), "x".to_string())]).unwrap_err().to_string();
-        assert!(err.contains("MESHGATE_LISTN") && err.contains("MESHGATE_LISTEN"), "{err}");
         let err = c
-            .apply_env([("MESHGATE_MCP_MAX_REQUEST_BODY_BYTES".to_string(), "lots".to_string())])
+            .apply_env([("MESHGATE_LISTN".to_string(), "x".to_string())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("MESHGATE_LISTN") && err.contains("MESHGATE_LISTEN"),
+            "{err}"
+        );
+        let err = c
+            .apply_env([(
+                "MESHGATE_MCP_MAX_REQUEST_BODY_BYTES".to_string(),
+                "lots".to_string(),
+            )])
             .unwrap_err()
             .to_string();
         assert!(err.contains("whole number"), "{err}");

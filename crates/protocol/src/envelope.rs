@@ -125,7 +125,8 @@ pub fn check_envelope(body: &[u8]) -> Result<Envelope, (EnvelopeError, Option<Va
             Err(e) => Err((EnvelopeError::NotJson(e.to_string()), None)),
         };
     }
-    let raw: Raw = serde_json::from_slice(body).map_err(|e| (EnvelopeError::NotJson(e.to_string()), None))?;
+    let raw: Raw =
+        serde_json::from_slice(body).map_err(|e| (EnvelopeError::NotJson(e.to_string()), None))?;
     let id = match raw.id {
         Some(Value::String(_)) | None => raw.id,
         Some(Value::Number(ref n)) if n.is_i64() || n.is_u64() => raw.id,
@@ -135,7 +136,12 @@ pub fn check_envelope(body: &[u8]) -> Result<Envelope, (EnvelopeError, Option<Va
     match raw.jsonrpc {
         Some(Value::String(ref s)) if s == "2.0" => {}
         Some(other) => return Err((EnvelopeError::BadVersion(shown(&other)), id)),
-        None => return Err((EnvelopeError::BadVersion("nothing (member missing)".into()), id)),
+        None => {
+            return Err((
+                EnvelopeError::BadVersion("nothing (member missing)".into()),
+                id,
+            ));
+        }
     }
     let method = match raw.method {
         Some(Value::String(m)) => Some(m),
@@ -159,7 +165,9 @@ mod tests {
         let r = check_envelope(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).unwrap();
         assert_eq!(r.method.as_deref(), Some("ping"));
         assert_eq!(r.id, Some(json!(1)));
-        assert!(check_envelope(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).is_ok());
+        assert!(
+            check_envelope(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).is_ok()
+        );
         assert!(check_envelope(br#"{"jsonrpc":"2.0","id":"a","result":{}}"#).is_ok());
     }
 
@@ -187,7 +195,10 @@ mod tests {
             check_envelope(b"42").unwrap_err().0,
             EnvelopeError::NotObject("a number")
         );
-        assert!(matches!(check_envelope(b"").unwrap_err().0, EnvelopeError::NotJson(_)));
+        assert!(matches!(
+            check_envelope(b"").unwrap_err().0,
+            EnvelopeError::NotJson(_)
+        ));
     }
 
     #[test]

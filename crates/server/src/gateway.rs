@@ -11,14 +11,15 @@ use std::time::{Duration, Instant};
 
 use meshgate_core::{Catalog, Config, Namer, UpstreamConfig};
 use meshgate_store::Store;
+use rmcp::RoleClient;
 use rmcp::model::{Prompt, Resource, ResourceTemplate, ServerCapabilities, Tool};
 use rmcp::service::Peer;
-use rmcp::RoleClient;
-use tokio::sync::{broadcast, mpsc, Mutex as AsyncMutex};
+use tokio::sync::{Mutex as AsyncMutex, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::upstream::{
-    connect, unix_now, InFlight, ListChanged, ListKind, ProgressMap, RelayTarget, UpstreamConnection, UpstreamRelay, UpstreamStatus,
+    InFlight, ListChanged, ListKind, ProgressMap, RelayTarget, UpstreamConnection, UpstreamRelay,
+    UpstreamStatus, connect, unix_now,
 };
 
 /// What one upstream currently offers, as the upstream names it.
@@ -60,7 +61,10 @@ pub struct Upstream {
 impl Upstream {
     /// Current status and the unix time it was entered.
     pub fn status(&self) -> (UpstreamStatus, u64) {
-        self.status.read().map(|s| s.clone()).unwrap_or((UpstreamStatus::Down("status lock poisoned".into()), 0))
+        self.status
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or((UpstreamStatus::Down("status lock poisoned".into()), 0))
     }
 
     fn set_status(&self, status: UpstreamStatus) {
@@ -68,12 +72,19 @@ impl Upstream {
             && s.0 != status
         {
             match &status {
-                UpstreamStatus::Down(why) => tracing::warn!(upstream = %self.config.name, reason = %why, "upstream down"),
+                UpstreamStatus::Down(why) => {
+                    tracing::warn!(upstream = %self.config.name, reason = %why, "upstream down")
+                }
                 UpstreamStatus::Up => tracing::info!(upstream = %self.config.name, "upstream up"),
                 _ => {}
             }
-            metrics::gauge!("gateway_upstream_up", "upstream" => self.config.name.clone())
-                .set(if status == UpstreamStatus::Up { 1.0 } else { 0.0 });
+            metrics::gauge!("gateway_upstream_up", "upstream" => self.config.name.clone()).set(
+                if status == UpstreamStatus::Up {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
             *s = (status, unix_now());
         }
     }
@@ -140,9 +151,17 @@ impl Gateway {
     /// Builds the gateway and starts its background tasks. Upstreams are
     /// connected in the background; [`Gateway::is_ready`] turns true when every
     /// enabled upstream has been tried once.
-    pub fn start(config: Config, store: Arc<dyn Store>, shutdown: CancellationToken) -> anyhow::Result<Arc<Gateway>> {
+    pub fn start(
+        config: Config,
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Gateway>> {
         let enabled = config.upstreams.iter().filter(|u| u.enabled).count();
-        let namer = Arc::new(Namer::new(config.namespacing.prefix_mode, &config.namespacing.separator, enabled));
+        let namer = Arc::new(Namer::new(
+            config.namespacing.prefix_mode,
+            &config.namespacing.separator,
+            enabled,
+        ));
         let upstreams = config
             .upstreams
             .iter()
@@ -151,7 +170,14 @@ impl Gateway {
                 Arc::new(Upstream {
                     index,
                     config: cfg.clone(),
-                    status: RwLock::new((if cfg.enabled { UpstreamStatus::Connecting } else { UpstreamStatus::Disabled }, unix_now())),
+                    status: RwLock::new((
+                        if cfg.enabled {
+                            UpstreamStatus::Connecting
+                        } else {
+                            UpstreamStatus::Disabled
+                        },
+                        unix_now(),
+                    )),
                     shared: AsyncMutex::new(None),
                     inflight: Arc::new(InFlight::default()),
                     listing: RwLock::new(Arc::default()),
@@ -227,8 +253,15 @@ impl Gateway {
         );
         match connect(&up.config, relay, &self.http).await {
             Ok(conn) => {
-                let capabilities = conn.peer_info().map(|i| i.capabilities.clone()).unwrap_or_default();
-                let shared = Arc::new(SharedConn { conn, progress, capabilities });
+                let capabilities = conn
+                    .peer_info()
+                    .map(|i| i.capabilities.clone())
+                    .unwrap_or_default();
+                let shared = Arc::new(SharedConn {
+                    conn,
+                    progress,
+                    capabilities,
+                });
                 *slot = Some(shared.clone());
                 Ok(shared)
             }
@@ -237,7 +270,11 @@ impl Gateway {
     }
 
     /// Re-reads the lists of one upstream over its shared connection.
-    async fn refresh_upstream(&self, up: &Arc<Upstream>, kinds: &HashSet<ListKind>) -> Result<(), String> {
+    async fn refresh_upstream(
+        &self,
+        up: &Arc<Upstream>,
+        kinds: &HashSet<ListKind>,
+    ) -> Result<(), String> {
         let shared = self.ensure_shared(up).await?;
         let peer: &Peer<RoleClient> = shared.conn.peer();
         let caps = &shared.capabilities;
@@ -282,29 +319,57 @@ impl Gateway {
             .collect();
         let (tool_routes, tool_issues) = Catalog::build(
             &self.namer,
-            listings.iter().map(|(i, n, l)| (*i, n.as_str(), l.tools.iter().map(|t| t.name.as_ref()).collect())),
+            listings.iter().map(|(i, n, l)| {
+                (
+                    *i,
+                    n.as_str(),
+                    l.tools.iter().map(|t| t.name.as_ref()).collect(),
+                )
+            }),
             true,
         );
         let (prompt_routes, prompt_issues) = Catalog::build(
             &self.namer,
-            listings.iter().map(|(i, n, l)| (*i, n.as_str(), l.prompts.iter().map(|p| p.name.as_str()).collect())),
+            listings.iter().map(|(i, n, l)| {
+                (
+                    *i,
+                    n.as_str(),
+                    l.prompts.iter().map(|p| p.name.as_str()).collect(),
+                )
+            }),
             false,
         );
         let (resource_routes, _) = Catalog::build(
-            &Namer { prefixed: false, separator: String::new() },
+            &Namer {
+                prefixed: false,
+                separator: String::new(),
+            },
             listings.iter().map(|(i, n, l)| {
-                (*i, n.as_str(), l.resources.iter().map(|r| r.uri.as_str()).collect())
+                (
+                    *i,
+                    n.as_str(),
+                    l.resources.iter().map(|r| r.uri.as_str()).collect(),
+                )
             }),
             false,
         );
         for issue in tool_issues.iter().chain(prompt_issues.iter()) {
             tracing::warn!(upstream = %issue.upstream, name = %issue.name, "{}", issue.reason);
         }
-        let mut snap = Snapshot { tool_routes, prompt_routes, resource_routes, ..Default::default() };
+        let mut snap = Snapshot {
+            tool_routes,
+            prompt_routes,
+            resource_routes,
+            ..Default::default()
+        };
         for (_, name, l) in &listings {
             for t in &l.tools {
                 let exposed = self.namer.name(name, &t.name);
-                if snap.tool_routes.resolve(&exposed).is_some_and(|r| r.original == t.name) {
+                if snap
+                    .tool_routes
+                    .resolve(&exposed)
+                    .is_some_and(|r| r.original == t.name)
+                {
                     let mut t = t.clone();
                     t.name = exposed.into();
                     snap.tools.push(t);
@@ -312,7 +377,11 @@ impl Gateway {
             }
             for p in &l.prompts {
                 let exposed = self.namer.name(name, &p.name);
-                if snap.prompt_routes.resolve(&exposed).is_some_and(|r| r.original == p.name) {
+                if snap
+                    .prompt_routes
+                    .resolve(&exposed)
+                    .is_some_and(|r| r.original == p.name)
+                {
                     let mut p = p.clone();
                     p.name = exposed;
                     snap.prompts.push(p);
@@ -336,21 +405,26 @@ impl Gateway {
     }
 
     async fn refresh_all(&self, kinds: &HashSet<ListKind>) {
-        let tasks = self.upstreams.iter().filter(|u| u.config.enabled).map(|up| async move {
-            match self.refresh_upstream(up, kinds).await {
-                Ok(()) => up.set_status(UpstreamStatus::Up),
-                Err(e) => {
-                    up.set_status(UpstreamStatus::Down(e));
-                    *up.shared.lock().await = None;
+        let tasks = self
+            .upstreams
+            .iter()
+            .filter(|u| u.config.enabled)
+            .map(|up| async move {
+                match self.refresh_upstream(up, kinds).await {
+                    Ok(()) => up.set_status(UpstreamStatus::Up),
+                    Err(e) => {
+                        up.set_status(UpstreamStatus::Down(e));
+                        *up.shared.lock().await = None;
+                    }
                 }
-            }
-        });
+            });
         futures::future::join_all(tasks).await;
         self.rebuild_snapshot();
     }
 
     async fn refresh_loop(self: Arc<Self>, mut events: mpsc::Receiver<ListChanged>) {
-        let all: HashSet<ListKind> = [ListKind::Tools, ListKind::Prompts, ListKind::Resources].into();
+        let all: HashSet<ListKind> =
+            [ListKind::Tools, ListKind::Prompts, ListKind::Resources].into();
         self.refresh_all(&all).await;
         self.ready.store(true, Ordering::Release);
         tracing::info!(
@@ -401,19 +475,26 @@ impl Gateway {
             }
             for up in self.upstreams.iter().filter(|u| u.config.enabled) {
                 let shared = up.shared().await;
-                let healthy = match shared {
-                    Some(s) if !s.conn.is_transport_closed() => {
-                        let ping = s.conn.peer().send_request(rmcp::model::ClientRequest::PingRequest(Default::default()));
-                        matches!(tokio::time::timeout(Duration::from_secs(5), ping).await, Ok(Ok(_)))
-                    }
-                    _ => false,
-                };
+                let healthy =
+                    match shared {
+                        Some(s) if !s.conn.is_transport_closed() => {
+                            let ping = s.conn.peer().send_request(
+                                rmcp::model::ClientRequest::PingRequest(Default::default()),
+                            );
+                            matches!(
+                                tokio::time::timeout(Duration::from_secs(5), ping).await,
+                                Ok(Ok(_))
+                            )
+                        }
+                        _ => false,
+                    };
                 if healthy {
                     up.set_status(UpstreamStatus::Up);
                     continue;
                 }
                 *up.shared.lock().await = None;
-                let all: HashSet<ListKind> = [ListKind::Tools, ListKind::Prompts, ListKind::Resources].into();
+                let all: HashSet<ListKind> =
+                    [ListKind::Tools, ListKind::Prompts, ListKind::Resources].into();
                 match self.refresh_upstream(up, &all).await {
                     Ok(()) => {
                         up.set_status(UpstreamStatus::Up);

@@ -14,20 +14,24 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rmcp::model::{
-    CallToolRequest, CallToolRequestParams, CallToolResponse, CancelledNotificationParam, ClientInfo, ClientRequest,
-    CompleteRequest, CompleteRequestParams, CompleteResult, CustomRequest, CustomResult, ErrorCode, GetPromptRequest,
-    GetPromptRequestParams, GetPromptResponse, Implementation, InitializeRequestParams, InitializeResult, ListPromptsResult,
-    ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, LoggingLevel, PaginatedRequestParams, ProtocolVersion,
-    ReadResourceRequest, ReadResourceRequestParams, ReadResourceResponse, Reference, ResourceContents, ServerCapabilities,
-    ServerInfo, ServerResult, SetLevelRequest, SetLevelRequestParams, SubscribeRequest, SubscribeRequestParams,
-    UnsubscribeRequest, UnsubscribeRequestParams,
+    CallToolRequest, CallToolRequestParams, CallToolResponse, CancelledNotificationParam,
+    ClientInfo, ClientRequest, CompleteRequest, CompleteRequestParams, CompleteResult,
+    CustomRequest, CustomResult, ErrorCode, GetPromptRequest, GetPromptRequestParams,
+    GetPromptResponse, Implementation, InitializeRequestParams, InitializeResult,
+    ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
+    LoggingLevel, PaginatedRequestParams, ProtocolVersion, ReadResourceRequest,
+    ReadResourceRequestParams, ReadResourceResponse, Reference, ResourceContents,
+    ServerCapabilities, ServerInfo, ServerResult, SetLevelRequest, SetLevelRequestParams,
+    SubscribeRequest, SubscribeRequestParams, UnsubscribeRequest, UnsubscribeRequestParams,
 };
 use rmcp::service::{NotificationContext, Peer, PeerRequestOptions, RequestContext};
 use rmcp::{ErrorData as McpError, RoleClient, RoleServer, ServerHandler, ServiceError};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::gateway::{Gateway, Upstream};
-use crate::upstream::{connect, InFlightGuard, ListKind, ProgressMap, RelayTarget, UpstreamConnection, UpstreamRelay};
+use crate::upstream::{
+    InFlightGuard, ListKind, ProgressMap, RelayTarget, UpstreamConnection, UpstreamRelay, connect,
+};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -35,7 +39,8 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 pub const STATUS_TOOL: &str = "meshgate_status";
 
 fn status_tool() -> rmcp::model::Tool {
-    let schema = serde_json::json!({"type": "object", "properties": {}, "additionalProperties": false});
+    let schema =
+        serde_json::json!({"type": "object", "properties": {}, "additionalProperties": false});
     let schema = match schema {
         serde_json::Value::Object(m) => m,
         _ => serde_json::Map::new(),
@@ -116,7 +121,8 @@ fn record(method: &'static str, tool: Option<&str>, started: Instant, outcome: &
             metrics::counter!("mcp_requests_total", "method" => method, "tool" => t.to_owned(), "outcome" => outcome).increment(1);
         }
         None => {
-            metrics::counter!("mcp_requests_total", "method" => method, "outcome" => outcome).increment(1);
+            metrics::counter!("mcp_requests_total", "method" => method, "outcome" => outcome)
+                .increment(1);
         }
     }
     metrics::histogram!("mcp_request_duration_seconds", "method" => method).record(elapsed);
@@ -145,10 +151,12 @@ impl GatewayHandler {
     }
 
     fn upstream(&self, index: usize) -> Result<&Arc<Upstream>, McpError> {
-        self.gw
-            .upstreams
-            .get(index)
-            .ok_or_else(|| err(ErrorCode::INTERNAL_ERROR, format!("internal: no upstream #{index}")))
+        self.gw.upstreams.get(index).ok_or_else(|| {
+            err(
+                ErrorCode::INTERNAL_ERROR,
+                format!("internal: no upstream #{index}"),
+            )
+        })
     }
 
     /// The connection to use for a call to `up`: this session's own connection
@@ -159,7 +167,8 @@ impl GatewayHandler {
         client_peer: &Peer<RoleServer>,
     ) -> Result<(Peer<RoleClient>, ProgressMap, Option<InFlightGuard>), McpError> {
         let unavailable = |why: String| {
-            metrics::counter!("gateway_errors_total", "type" => "upstream_unavailable").increment(1);
+            metrics::counter!("gateway_errors_total", "type" => "upstream_unavailable")
+                .increment(1);
             err(
                 ErrorCode::INTERNAL_ERROR,
                 format!(
@@ -171,7 +180,10 @@ impl GatewayHandler {
         if !up.config.enabled {
             return Err(err(
                 ErrorCode::INVALID_REQUEST,
-                format!("upstream `{}` is disabled in the configuration", up.config.name),
+                format!(
+                    "upstream `{}` is disabled in the configuration",
+                    up.config.name
+                ),
             ));
         }
         if !up.per_session() {
@@ -179,9 +191,15 @@ impl GatewayHandler {
                 .shared()
                 .await
                 .filter(|s| !s.conn.is_transport_closed())
-                .ok_or_else(|| unavailable(up.status().0.label().to_owned() + " (no live connection)"))?;
+                .ok_or_else(|| {
+                    unavailable(up.status().0.label().to_owned() + " (no live connection)")
+                })?;
             let guard = up.inflight.enter(self.session, client_peer.clone());
-            return Ok((shared.conn.peer().clone(), shared.progress.clone(), Some(guard)));
+            return Ok((
+                shared.conn.peer().clone(),
+                shared.progress.clone(),
+                Some(guard),
+            ));
         }
         let mut conns = self.state.conns.lock().await;
         if let Some(c) = conns.get(&up.index) {
@@ -198,40 +216,67 @@ impl GatewayHandler {
             self.state.client.get(),
             self.gw.change_events(),
         );
-        let conn = connect(&up.config, relay, &self.gw.http).await.map_err(|e| {
-            self.gw.report_failure(up, &e.to_string());
-            unavailable(e.to_string())
-        })?;
+        let conn = connect(&up.config, relay, &self.gw.http)
+            .await
+            .map_err(|e| {
+                self.gw.report_failure(up, &e.to_string());
+                unavailable(e.to_string())
+            })?;
         let level = self.state.log_level.lock().ok().and_then(|l| *l);
         if let Some(level) = level
-            && conn.peer_info().is_some_and(|i| i.capabilities.logging.is_some())
+            && conn
+                .peer_info()
+                .is_some_and(|i| i.capabilities.logging.is_some())
         {
-            let _ = conn.peer().set_level(SetLevelRequestParams::new(level)).await;
+            let _ = conn
+                .peer()
+                .set_level(SetLevelRequestParams::new(level))
+                .await;
         }
         let peer = conn.peer().clone();
-        conns.insert(up.index, Arc::new(SessionConn { conn, progress: progress.clone() }));
+        conns.insert(
+            up.index,
+            Arc::new(SessionConn {
+                conn,
+                progress: progress.clone(),
+            }),
+        );
         Ok((peer, progress, None))
     }
 
     /// Sends `request` to upstream `index` on behalf of the client request in `ctx`.
-    async fn forward(&self, index: usize, request: ClientRequest, ctx: &RequestContext<RoleServer>) -> Result<ServerResult, McpError> {
+    async fn forward(
+        &self,
+        index: usize,
+        request: ClientRequest,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<ServerResult, McpError> {
         let up = self.upstream(index)?.clone();
         let (peer, progress, _inflight) = self.connection(&up, &ctx.peer).await?;
         let client_token = ctx.meta.get_progress_token();
         let mut options = PeerRequestOptions::no_options();
         options.timeout = Some(Duration::from_secs(up.config.timeout_secs));
         options.meta = Some(ctx.meta.clone());
-        let handle = peer.send_request_with_option(request, options).await.map_err(|e| {
-            err(
-                ErrorCode::INTERNAL_ERROR,
-                format!("upstream `{}` is unavailable: {e}; retry shortly", up.config.name),
-            )
-        })?;
+        let handle = peer
+            .send_request_with_option(request, options)
+            .await
+            .map_err(|e| {
+                err(
+                    ErrorCode::INTERNAL_ERROR,
+                    format!(
+                        "upstream `{}` is unavailable: {e}; retry shortly",
+                        up.config.name
+                    ),
+                )
+            })?;
         let _progress = client_token.map(|token| {
             if let Ok(mut m) = progress.lock() {
                 m.insert(handle.progress_token.clone(), (token, ctx.peer.clone()));
             }
-            ProgressGuard { map: progress.clone(), token: handle.progress_token.clone() }
+            ProgressGuard {
+                map: progress.clone(),
+                token: handle.progress_token.clone(),
+            }
         });
         let id = handle.id.clone();
         let result = tokio::select! {
@@ -248,7 +293,8 @@ impl GatewayHandler {
             Ok(r) => Ok(r),
             Err(ServiceError::McpError(e)) => Err(e),
             Err(ServiceError::Timeout { timeout }) => {
-                metrics::counter!("gateway_errors_total", "type" => "upstream_timeout").increment(1);
+                metrics::counter!("gateway_errors_total", "type" => "upstream_timeout")
+                    .increment(1);
                 Err(err(
                     ErrorCode::INTERNAL_ERROR,
                     format!(
@@ -259,7 +305,8 @@ impl GatewayHandler {
                 ))
             }
             Err(e) => {
-                metrics::counter!("gateway_errors_total", "type" => "upstream_transport").increment(1);
+                metrics::counter!("gateway_errors_total", "type" => "upstream_transport")
+                    .increment(1);
                 self.gw.report_failure(&up, &e.to_string());
                 Err(err(
                     ErrorCode::INTERNAL_ERROR,
@@ -280,7 +327,9 @@ impl GatewayHandler {
                 }
                 None => Err(err(
                     ErrorCode::RESOURCE_NOT_FOUND,
-                    format!("resource `{uri}` names no upstream; exposed URIs look like <upstream>+<uri>, as resources/list shows"),
+                    format!(
+                        "resource `{uri}` names no upstream; exposed URIs look like <upstream>+<uri>, as resources/list shows"
+                    ),
                 )),
             };
         }
@@ -288,7 +337,8 @@ impl GatewayHandler {
         if let Some(r) = snap.resource_routes.resolve(uri) {
             return Ok((r.upstream, r.original.clone()));
         }
-        let enabled: Vec<&Arc<Upstream>> = gw.upstreams.iter().filter(|u| u.config.enabled).collect();
+        let enabled: Vec<&Arc<Upstream>> =
+            gw.upstreams.iter().filter(|u| u.config.enabled).collect();
         if let [only] = enabled.as_slice() {
             return Ok((only.index, uri.to_owned()));
         }
@@ -301,7 +351,10 @@ impl GatewayHandler {
                 return Ok((up.index, uri.to_owned()));
             }
         }
-        Err(err(ErrorCode::RESOURCE_NOT_FOUND, format!("no upstream provides resource `{uri}`; see resources/list")))
+        Err(err(
+            ErrorCode::RESOURCE_NOT_FOUND,
+            format!("no upstream provides resource `{uri}`; see resources/list"),
+        ))
     }
 
     fn status_report(&self) -> serde_json::Value {
@@ -352,10 +405,10 @@ impl GatewayHandler {
                 }
             }
         });
-        if let Ok(mut t) = self.state.change_task.lock() {
-            if let Some(old) = t.replace(task.abort_handle()) {
-                old.abort();
-            }
+        if let Ok(mut t) = self.state.change_task.lock()
+            && let Some(old) = t.replace(task.abort_handle())
+        {
+            old.abort();
         }
     }
 }
@@ -373,25 +426,40 @@ impl ServerHandler for GatewayHandler {
             .enable_logging()
             .enable_completions()
             .build();
-        let names: Vec<&str> = self.gw.upstreams.iter().filter(|u| u.config.enabled).map(|u| u.config.name.as_str()).collect();
+        let names: Vec<&str> = self
+            .gw
+            .upstreams
+            .iter()
+            .filter(|u| u.config.enabled)
+            .map(|u| u.config.name.as_str())
+            .collect();
         InitializeResult::new(capabilities)
             .with_server_info(Implementation::new("meshgate", env!("CARGO_PKG_VERSION")))
             .with_protocol_version(ProtocolVersion::V_2025_11_25)
-            .with_instructions(format!("meshgate MCP gateway federating upstreams: {}", names.join(", ")))
+            .with_instructions(format!(
+                "meshgate MCP gateway federating upstreams: {}",
+                names.join(", ")
+            ))
     }
 
     fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
         Cow::Borrowed(&SUPPORTED_VERSIONS)
     }
 
-    async fn initialize(&self, request: InitializeRequestParams, context: RequestContext<RoleServer>) -> Result<InitializeResult, McpError> {
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, McpError> {
         context.peer.set_peer_info(request.clone());
         let _ = self.state.client.set(request.clone());
         if self.state.peer.set(context.peer.clone()).is_ok() {
             self.start_change_forwarding(context.peer.clone());
             if !self.state.counted.swap(true, Ordering::Relaxed) {
-                metrics::gauge!("gateway_connections", "transport" => self.state.transport).increment(1.0);
-                metrics::counter!("gateway_connections_total", "transport" => self.state.transport).increment(1);
+                metrics::gauge!("gateway_connections", "transport" => self.state.transport)
+                    .increment(1.0);
+                metrics::counter!("gateway_connections_total", "transport" => self.state.transport)
+                    .increment(1);
             }
         }
         let started = Instant::now();
@@ -400,7 +468,11 @@ impl ServerHandler for GatewayHandler {
         r
     }
 
-    async fn list_tools(&self, _request: Option<PaginatedRequestParams>, _ctx: RequestContext<RoleServer>) -> Result<ListToolsResult, McpError> {
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
         let started = Instant::now();
         let snap = self.gw.snapshot();
         let mut tools = Vec::with_capacity(snap.tools.len() + 1);
@@ -413,65 +485,121 @@ impl ServerHandler for GatewayHandler {
         r
     }
 
-    async fn call_tool(&self, mut request: CallToolRequestParams, ctx: RequestContext<RoleServer>) -> Result<CallToolResponse, McpError> {
+    async fn call_tool(
+        &self,
+        mut request: CallToolRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
         let started = Instant::now();
         let exposed = request.name.to_string();
         let snap = self.gw.snapshot();
         let Some(route) = snap.tool_routes.resolve(&exposed).cloned() else {
             if exposed == STATUS_TOOL {
                 record("tools/call", Some(STATUS_TOOL), started, "ok");
-                return Ok(CallToolResponse::Complete(rmcp::model::CallToolResult::structured(self.status_report())));
+                return Ok(CallToolResponse::Complete(
+                    rmcp::model::CallToolResult::structured(self.status_report()),
+                ));
             }
             metrics::counter!("gateway_errors_total", "type" => "unknown_tool").increment(1);
             record("tools/call", None, started, "unknown_tool");
             return Err(err(
                 ErrorCode::INVALID_PARAMS,
-                format!("unknown tool `{exposed}`: no upstream provides it; call tools/list for the available tools"),
+                format!(
+                    "unknown tool `{exposed}`: no upstream provides it; call tools/list for the available tools"
+                ),
             ));
         };
         drop(snap);
         request.name = route.original.into();
-        let r = self.forward(route.upstream, ClientRequest::CallToolRequest(CallToolRequest::new(request)), &ctx).await;
+        let r = self
+            .forward(
+                route.upstream,
+                ClientRequest::CallToolRequest(CallToolRequest::new(request)),
+                &ctx,
+            )
+            .await;
         let r = match r {
             Ok(ServerResult::CallToolResult(res)) => {
-                let o = if res.is_error == Some(true) { "tool_error" } else { "ok" };
+                let o = if res.is_error == Some(true) {
+                    "tool_error"
+                } else {
+                    "ok"
+                };
                 record("tools/call", Some(&exposed), started, o);
                 return Ok(CallToolResponse::Complete(res));
             }
             Ok(ServerResult::InputRequiredResult(res)) => Ok(CallToolResponse::InputRequired(res)),
             Ok(ServerResult::CreateTaskResult(res)) => Ok(CallToolResponse::Task(res)),
-            Ok(_) => Err(err(ErrorCode::INTERNAL_ERROR, "upstream answered tools/call with an unexpected result type".into())),
+            Ok(_) => Err(err(
+                ErrorCode::INTERNAL_ERROR,
+                "upstream answered tools/call with an unexpected result type".into(),
+            )),
             Err(e) => Err(e),
         };
         record("tools/call", Some(&exposed), started, outcome(&r));
         r
     }
 
-    async fn list_prompts(&self, _request: Option<PaginatedRequestParams>, _ctx: RequestContext<RoleServer>) -> Result<ListPromptsResult, McpError> {
-        Ok(ListPromptsResult::with_all_items(self.gw.snapshot().prompts.clone()))
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, McpError> {
+        Ok(ListPromptsResult::with_all_items(
+            self.gw.snapshot().prompts.clone(),
+        ))
     }
 
-    async fn get_prompt(&self, mut request: GetPromptRequestParams, ctx: RequestContext<RoleServer>) -> Result<GetPromptResponse, McpError> {
+    async fn get_prompt(
+        &self,
+        mut request: GetPromptRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, McpError> {
         let started = Instant::now();
-        let route = self.gw.snapshot().prompt_routes.resolve(&request.name).cloned().ok_or_else(|| {
-            err(
-                ErrorCode::INVALID_PARAMS,
-                format!("unknown prompt `{}`: no upstream provides it; call prompts/list", request.name),
-            )
-        })?;
+        let route = self
+            .gw
+            .snapshot()
+            .prompt_routes
+            .resolve(&request.name)
+            .cloned()
+            .ok_or_else(|| {
+                err(
+                    ErrorCode::INVALID_PARAMS,
+                    format!(
+                        "unknown prompt `{}`: no upstream provides it; call prompts/list",
+                        request.name
+                    ),
+                )
+            })?;
         request.name = route.original;
-        let r = match self.forward(route.upstream, ClientRequest::GetPromptRequest(GetPromptRequest::new(request)), &ctx).await {
+        let r = match self
+            .forward(
+                route.upstream,
+                ClientRequest::GetPromptRequest(GetPromptRequest::new(request)),
+                &ctx,
+            )
+            .await
+        {
             Ok(ServerResult::GetPromptResult(res)) => Ok(GetPromptResponse::Complete(res)),
             Ok(ServerResult::InputRequiredResult(res)) => Ok(GetPromptResponse::InputRequired(res)),
-            Ok(_) => Err(err(ErrorCode::INTERNAL_ERROR, "upstream answered prompts/get with an unexpected result type".into())),
+            Ok(_) => Err(err(
+                ErrorCode::INTERNAL_ERROR,
+                "upstream answered prompts/get with an unexpected result type".into(),
+            )),
             Err(e) => Err(e),
         };
         record("prompts/get", None, started, outcome(&r));
         r
     }
 
-    async fn list_resources(&self, _request: Option<PaginatedRequestParams>, _ctx: RequestContext<RoleServer>) -> Result<ListResourcesResult, McpError> {
-        Ok(ListResourcesResult::with_all_items(self.gw.snapshot().resources.clone()))
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, McpError> {
+        Ok(ListResourcesResult::with_all_items(
+            self.gw.snapshot().resources.clone(),
+        ))
     }
 
     async fn list_resource_templates(
@@ -479,19 +607,33 @@ impl ServerHandler for GatewayHandler {
         _request: Option<PaginatedRequestParams>,
         _ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, McpError> {
-        Ok(ListResourceTemplatesResult::with_all_items(self.gw.snapshot().templates.clone()))
+        Ok(ListResourceTemplatesResult::with_all_items(
+            self.gw.snapshot().templates.clone(),
+        ))
     }
 
-    async fn read_resource(&self, mut request: ReadResourceRequestParams, ctx: RequestContext<RoleServer>) -> Result<ReadResourceResponse, McpError> {
+    async fn read_resource(
+        &self,
+        mut request: ReadResourceRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, McpError> {
         let started = Instant::now();
         let (idx, original) = self.route_uri(&request.uri)?;
         let name = self.upstream(idx)?.config.name.clone();
         request.uri = original;
-        let r = match self.forward(idx, ClientRequest::ReadResourceRequest(ReadResourceRequest::new(request)), &ctx).await {
+        let r = match self
+            .forward(
+                idx,
+                ClientRequest::ReadResourceRequest(ReadResourceRequest::new(request)),
+                &ctx,
+            )
+            .await
+        {
             Ok(ServerResult::ReadResourceResult(mut res)) => {
                 for c in res.contents.iter_mut() {
                     match c {
-                        ResourceContents::TextResourceContents { uri, .. } | ResourceContents::BlobResourceContents { uri, .. } => {
+                        ResourceContents::TextResourceContents { uri, .. }
+                        | ResourceContents::BlobResourceContents { uri, .. } => {
                             *uri = self.gw.namer.uri(&name, uri);
                         }
                         #[allow(unreachable_patterns)]
@@ -500,32 +642,73 @@ impl ServerHandler for GatewayHandler {
                 }
                 Ok(ReadResourceResponse::Complete(res))
             }
-            Ok(ServerResult::InputRequiredResult(res)) => Ok(ReadResourceResponse::InputRequired(res)),
-            Ok(_) => Err(err(ErrorCode::INTERNAL_ERROR, "upstream answered resources/read with an unexpected result type".into())),
+            Ok(ServerResult::InputRequiredResult(res)) => {
+                Ok(ReadResourceResponse::InputRequired(res))
+            }
+            Ok(_) => Err(err(
+                ErrorCode::INTERNAL_ERROR,
+                "upstream answered resources/read with an unexpected result type".into(),
+            )),
             Err(e) => Err(e),
         };
         record("resources/read", None, started, outcome(&r));
         r
     }
 
-    async fn subscribe(&self, mut request: SubscribeRequestParams, ctx: RequestContext<RoleServer>) -> Result<(), McpError> {
+    async fn subscribe(
+        &self,
+        mut request: SubscribeRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
         let (idx, original) = self.route_uri(&request.uri)?;
         request.uri = original;
-        self.forward(idx, ClientRequest::SubscribeRequest(SubscribeRequest::new(request)), &ctx).await.map(|_| ())
+        self.forward(
+            idx,
+            ClientRequest::SubscribeRequest(SubscribeRequest::new(request)),
+            &ctx,
+        )
+        .await
+        .map(|_| ())
     }
 
-    async fn unsubscribe(&self, mut request: UnsubscribeRequestParams, ctx: RequestContext<RoleServer>) -> Result<(), McpError> {
+    async fn unsubscribe(
+        &self,
+        mut request: UnsubscribeRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
         let (idx, original) = self.route_uri(&request.uri)?;
         request.uri = original;
-        self.forward(idx, ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(request)), &ctx).await.map(|_| ())
+        self.forward(
+            idx,
+            ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(request)),
+            &ctx,
+        )
+        .await
+        .map(|_| ())
     }
 
-    async fn complete(&self, mut request: CompleteRequestParams, ctx: RequestContext<RoleServer>) -> Result<CompleteResult, McpError> {
+    async fn complete(
+        &self,
+        mut request: CompleteRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, McpError> {
         let idx = match &mut request.r#ref {
             Reference::Prompt(p) => {
-                let route = self.gw.snapshot().prompt_routes.resolve(&p.name).cloned().ok_or_else(|| {
-                    err(ErrorCode::INVALID_PARAMS, format!("unknown prompt `{}` in completion reference; call prompts/list", p.name))
-                })?;
+                let route = self
+                    .gw
+                    .snapshot()
+                    .prompt_routes
+                    .resolve(&p.name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        err(
+                            ErrorCode::INVALID_PARAMS,
+                            format!(
+                                "unknown prompt `{}` in completion reference; call prompts/list",
+                                p.name
+                            ),
+                        )
+                    })?;
                 p.name = route.original;
                 route.upstream
             }
@@ -534,36 +717,68 @@ impl ServerHandler for GatewayHandler {
                 r.uri = original;
                 idx
             }
-            _ => return Err(err(ErrorCode::INVALID_PARAMS, "unsupported completion reference type; use ref/prompt or ref/resource".into())),
+            _ => {
+                return Err(err(
+                    ErrorCode::INVALID_PARAMS,
+                    "unsupported completion reference type; use ref/prompt or ref/resource".into(),
+                ));
+            }
         };
-        match self.forward(idx, ClientRequest::CompleteRequest(CompleteRequest::new(request)), &ctx).await? {
+        match self
+            .forward(
+                idx,
+                ClientRequest::CompleteRequest(CompleteRequest::new(request)),
+                &ctx,
+            )
+            .await?
+        {
             ServerResult::CompleteResult(res) => Ok(res),
-            _ => Err(err(ErrorCode::INTERNAL_ERROR, "upstream answered completion/complete with an unexpected result type".into())),
+            _ => Err(err(
+                ErrorCode::INTERNAL_ERROR,
+                "upstream answered completion/complete with an unexpected result type".into(),
+            )),
         }
     }
 
-    async fn set_level(&self, request: SetLevelRequestParams, _ctx: RequestContext<RoleServer>) -> Result<(), McpError> {
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
         if let Ok(mut l) = self.state.log_level.lock() {
             *l = Some(request.level);
         }
-        let conns: Vec<Arc<SessionConn>> = self.state.conns.lock().await.values().cloned().collect();
+        let conns: Vec<Arc<SessionConn>> =
+            self.state.conns.lock().await.values().cloned().collect();
         for c in conns {
-            if c.conn.peer_info().is_some_and(|i| i.capabilities.logging.is_some()) {
+            if c.conn
+                .peer_info()
+                .is_some_and(|i| i.capabilities.logging.is_some())
+            {
                 let _ = c
                     .conn
                     .peer()
-                    .send_request(ClientRequest::SetLevelRequest(SetLevelRequest::new(SetLevelRequestParams::new(request.level))))
+                    .send_request(ClientRequest::SetLevelRequest(SetLevelRequest::new(
+                        SetLevelRequestParams::new(request.level),
+                    )))
                     .await;
             }
         }
         Ok(())
     }
 
-    async fn on_custom_request(&self, request: CustomRequest, _ctx: RequestContext<RoleServer>) -> Result<CustomResult, McpError> {
+    async fn on_custom_request(
+        &self,
+        request: CustomRequest,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<CustomResult, McpError> {
         metrics::counter!("gateway_errors_total", "type" => "method_not_found").increment(1);
         Err(err(
             ErrorCode::METHOD_NOT_FOUND,
-            format!("method `{}` is not part of MCP as served by meshgate; see the protocol revisions listed in docs/protocol.md", request.method),
+            format!(
+                "method `{}` is not part of MCP as served by meshgate; see the protocol revisions listed in docs/protocol.md",
+                request.method
+            ),
         ))
     }
 

@@ -1,6 +1,9 @@
 //! The HTTP surface: routes, the trace-id layer, the JSON-RPC pre-check in
 //! front of the MCP transports, and health, readiness and metrics endpoints.
 
+// Handlers return a ready axum `Response` as their error: it is what they send.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,11 +14,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use meshgate_protocol::{check_envelope, ProtocolRevision};
+use meshgate_protocol::{ProtocolRevision, check_envelope};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::gateway::Gateway;
@@ -36,7 +39,12 @@ pub struct AppState {
 }
 
 /// A JSON-RPC error response with the HTTP status that goes with it.
-pub fn jsonrpc_error(status: StatusCode, id: Option<Value>, code: i32, message: String) -> Response {
+pub fn jsonrpc_error(
+    status: StatusCode,
+    id: Option<Value>,
+    code: i32,
+    message: String,
+) -> Response {
     metrics::counter!("gateway_errors_total", "type" => "bad_request").increment(1);
     let body = json!({"jsonrpc": "2.0", "id": id.unwrap_or(Value::Null), "error": {"code": code, "message": message}});
     (status, Json(body)).into_response()
@@ -58,7 +66,12 @@ pub async fn read_checked_body(body: Body, limit: usize) -> Result<Bytes, Respon
         }
     })?;
     if let Err((e, id)) = check_envelope(&bytes) {
-        return Err(jsonrpc_error(StatusCode::BAD_REQUEST, id, e.code().code(), e.to_string()));
+        return Err(jsonrpc_error(
+            StatusCode::BAD_REQUEST,
+            id,
+            e.code().code(),
+            e.to_string(),
+        ));
     }
     Ok(bytes)
 }
@@ -85,13 +98,20 @@ async fn mcp_precheck(State(limit): State<usize>, req: Request, next: Next) -> R
     if let Err(r) = check_protocol_header(&req) {
         return r;
     }
-    let session = req.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let session = req
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let resp = if req.method() != Method::POST {
         next.run(req).await
     } else {
         let (parts, body) = req.into_parts();
         match read_checked_body(body, limit).await {
-            Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+            Ok(bytes) => {
+                next.run(Request::from_parts(parts, Body::from(bytes)))
+                    .await
+            }
             Err(r) => return r,
         }
     };
@@ -110,7 +130,9 @@ async fn explain_transport_error(resp: Response, session: Option<&str>) -> Respo
     if !status.is_client_error() || !is_text {
         return resp;
     }
-    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024).await.unwrap_or_default();
+    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
     let detail = String::from_utf8_lossy(&body).trim().to_owned();
     let message = match status {
         StatusCode::NOT_FOUND => format!(
@@ -134,7 +156,12 @@ async fn trace_id(req: Request, next: Next) -> Response {
         .headers()
         .get("x-trace-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let span = tracing::info_span!("http", trace_id = %id, method = %req.method(), path = %req.uri().path());
@@ -150,7 +177,9 @@ pub fn router(state: AppState) -> Router {
     let gw = state.gw.clone();
     let cfg = &gw.config.mcp;
     let mut mcp_config = StreamableHttpServerConfig::default()
-        .with_sse_keep_alive((cfg.sse_keep_alive_secs > 0).then(|| Duration::from_secs(cfg.sse_keep_alive_secs)))
+        .with_sse_keep_alive(
+            (cfg.sse_keep_alive_secs > 0).then(|| Duration::from_secs(cfg.sse_keep_alive_secs)),
+        )
         .with_json_response(cfg.json_response)
         .with_cancellation_token(gw.shutdown.child_token())
         .with_max_request_body_bytes(cfg.max_request_body_bytes);
@@ -233,8 +262,18 @@ async fn health(State(s): State<AppState>) -> Response {
             upstreams.insert(up.config.name.clone(), v);
         }
     }
-    let status = if !store_ok { "down" } else if degraded { "degraded" } else { "ok" };
-    let code = if store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if !store_ok {
+        "down"
+    } else if degraded {
+        "degraded"
+    } else {
+        "ok"
+    };
+    let code = if store_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = json!({
         "status": status,
         "version": env!("CARGO_PKG_VERSION"),
@@ -246,7 +285,15 @@ async fn health(State(s): State<AppState>) -> Response {
 
 async fn health_store(State(s): State<AppState>) -> Response {
     let (ok, v) = store_json(&s.gw).await;
-    (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(v)).into_response()
+    (
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(v),
+    )
+        .into_response()
 }
 
 async fn health_upstreams(State(s): State<AppState>) -> Response {
@@ -258,14 +305,34 @@ async fn health_upstreams(State(s): State<AppState>) -> Response {
             all.insert(up.config.name.clone(), v);
         }
     }
-    (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(Value::Object(all))).into_response()
+    (
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(Value::Object(all)),
+    )
+        .into_response()
 }
 
 async fn health_upstream(State(s): State<AppState>, Path(name): Path<String>) -> Response {
     match upstream_json(&s.gw, &name) {
-        Some((ok, v)) => (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(v)).into_response(),
+        Some((ok, v)) => (
+            if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+            Json(v),
+        )
+            .into_response(),
         None => {
-            let known: Vec<&str> = s.gw.upstreams.iter().map(|u| u.config.name.as_str()).collect();
+            let known: Vec<&str> =
+                s.gw.upstreams
+                    .iter()
+                    .map(|u| u.config.name.as_str())
+                    .collect();
             (
                 StatusCode::NOT_FOUND,
                 Json(json!({"error": format!("no upstream named `{name}`; configured upstreams: {}", known.join(", "))})),
@@ -287,15 +354,26 @@ async fn ready(State(s): State<AppState>) -> Response {
     if s.gw.is_ready() {
         (StatusCode::OK, Json(json!({"ready": true}))).into_response()
     } else if s.gw.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "reason": "shutting down"}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": "shutting down"})),
+        )
+            .into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "reason": "connecting to upstreams"}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": "connecting to upstreams"})),
+        )
+            .into_response()
     }
 }
 
 async fn render_metrics(State(s): State<AppState>) -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         s.metrics.render(),
     )
         .into_response()

@@ -5,6 +5,9 @@
 //! over a pair of bounded channels, so a slow client slows its own session
 //! instead of growing the gateway's memory.
 
+// Handlers return a ready axum `Response` as their error: it is what they send.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -16,7 +19,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use meshgate_store::{now_ms, SessionRecord};
+use meshgate_store::{SessionRecord, now_ms};
 use rmcp::model::ClientJsonRpcMessage;
 use rmcp::service::serve_server_with_ct;
 use serde::Deserialize;
@@ -24,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, PollSender};
 
 use crate::handler::GatewayHandler;
-use crate::http::{jsonrpc_error, read_checked_body, AppState};
+use crate::http::{AppState, jsonrpc_error, read_checked_body};
 
 /// Capacity of each direction's queue, in messages.
 const QUEUE: usize = 256;
@@ -78,7 +81,10 @@ fn host_allowed(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(),
     if allowed.iter().any(|h| h == "*") {
         return Ok(());
     }
-    let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
     let bare = if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
     } else {
@@ -96,7 +102,10 @@ fn host_allowed(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(),
 }
 
 /// `GET /sse`: opens a session and its event stream.
-pub async fn open_stream(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+pub async fn open_stream(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     if let Err(r) = host_allowed(&state, &headers) {
         return r;
     }
@@ -133,13 +142,21 @@ pub async fn open_stream(State(state): State<AppState>, headers: axum::http::Hea
                 let _ = running.waiting().await;
                 let _ = gw.store.delete_session(&session_id).await;
             }
-            Err(e) => tracing::info!(session = %session_id, error = %e, "legacy SSE session ended before initialize"),
+            Err(e) => {
+                tracing::info!(session = %session_id, error = %e, "legacy SSE session ended before initialize")
+            }
         }
         sessions.remove(&session_id);
     });
-    let guard = StreamGuard { id: id.clone(), sessions: state.legacy.clone(), ct };
+    let guard = StreamGuard {
+        id: id.clone(),
+        sessions: state.legacy.clone(),
+        ct,
+    };
     let endpoint = futures::stream::once(futures::future::ready(Ok::<Event, Infallible>(
-        Event::default().event("endpoint").data(format!("/messages?sessionId={id}")),
+        Event::default()
+            .event("endpoint")
+            .data(format!("/messages?sessionId={id}")),
     )));
     let messages = tokio_stream_from(out_rx).map(move |msg| {
         let _keep = &guard;
@@ -154,7 +171,9 @@ pub async fn open_stream(State(state): State<AppState>, headers: axum::http::Hea
         .into_response()
 }
 
-fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl Stream<Item = T> + Send + 'static {
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -190,8 +209,15 @@ pub async fn post_message(
     let message: ClientJsonRpcMessage = match serde_json::from_slice(&bytes) {
         Ok(m) => m,
         Err(e) => {
-            let id = serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|v| v.get("id").cloned());
-            return jsonrpc_error(StatusCode::BAD_REQUEST, id, -32602, format!("message does not match the MCP schema: {e}"));
+            let id = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("id").cloned());
+            return jsonrpc_error(
+                StatusCode::BAD_REQUEST,
+                id,
+                -32602,
+                format!("message does not match the MCP schema: {e}"),
+            );
         }
     };
     let Some(tx) = state.legacy.get(&id) else {

@@ -13,5 +13,5 @@ pub mod upstream;
 pub use gateway::Gateway;
 pub mod http;
 pub mod legacy;
-pub mod sessions;
 pub mod serve;
+pub mod sessions;

@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use meshgate_core::Config;
-use meshgate_store::{now_ms, SqliteStore, Store, UpstreamRecord};
+use meshgate_store::{SqliteStore, Store, UpstreamRecord, now_ms};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Gateway;
-use crate::http::{router, AppState};
+use crate::http::{AppState, router};
 use crate::legacy::LegacySessions;
 
 /// Installs the Prometheus recorder; call once per process.
@@ -19,7 +19,10 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("duration_seconds".into()),
-            &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ],
         )
         .context("invalid histogram buckets")?
         .install_recorder()
@@ -28,8 +31,12 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 
 /// Opens the data directory and store, and records the configured upstreams.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data directory {} (data_dir / --data-dir)", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "cannot create data directory {} (data_dir / --data-dir)",
+            config.data_dir.display()
+        )
+    })?;
     let store = SqliteStore::open(&config.data_dir).await?;
     let now = now_ms();
     for up in &config.upstreams {
@@ -65,7 +72,11 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
     let store = open_store(&config).await?;
     let shutdown = CancellationToken::new();
     let gw = Gateway::start(config, store, shutdown.clone())?;
-    let app = router(AppState { gw: gw.clone(), metrics, legacy: Arc::new(LegacySessions::default()) });
+    let app = router(AppState {
+        gw: gw.clone(),
+        metrics,
+        legacy: Arc::new(LegacySessions::default()),
+    });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}: is another process using the port? change it with --listen or MESHGATE_LISTEN"))?;
@@ -85,14 +96,18 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
         signal.cancel();
     });
     let drain = shutdown.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move { drain.cancelled().await });
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(async move { drain.cancelled().await });
     let served = tokio::spawn(async move { server.await });
     shutdown.cancelled().await;
     match tokio::time::timeout(grace, served).await {
         Ok(Ok(Ok(()))) => tracing::info!("drained; bye"),
         Ok(Ok(Err(e))) => return Err(e).context("server error"),
         Ok(Err(e)) => return Err(anyhow::anyhow!("server task failed: {e}")),
-        Err(_) => tracing::warn!(grace_secs = grace.as_secs(), "open connections did not finish within shutdown_grace_secs; closing them"),
+        Err(_) => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "open connections did not finish within shutdown_grace_secs; closing them"
+        ),
     }
     Ok(())
 }

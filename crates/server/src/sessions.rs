@@ -5,8 +5,10 @@
 
 use std::sync::Arc;
 
-use meshgate_store::{now_ms, SessionRecord, Store};
-use rmcp::transport::streamable_http_server::session::{SessionState, SessionStore, SessionStoreError};
+use meshgate_store::{SessionRecord, Store, now_ms};
+use rmcp::transport::streamable_http_server::session::{
+    SessionState, SessionStore, SessionStoreError,
+};
 
 /// [`SessionStore`] over the gateway's [`Store`].
 pub struct StoreSessions {

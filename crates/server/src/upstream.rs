@@ -19,9 +19,10 @@ use std::time::{Duration, SystemTime};
 
 use meshgate_core::{Namer, UpstreamConfig, UpstreamTransport};
 use rmcp::model::{
-    ClientCapabilities, ClientInfo, CreateMessageRequestParams, ElicitRequestParams, ElicitResult,
-    CreateMessageResult, ErrorCode, Implementation, ListRootsResult, LoggingMessageNotificationParam, ProgressNotificationParam,
-    ProgressToken, ResourceUpdatedNotificationParam,
+    ClientCapabilities, ClientInfo, CreateMessageRequestParams, CreateMessageResult,
+    ElicitRequestParams, ElicitResult, ErrorCode, Implementation, ListRootsResult,
+    LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
+    ResourceUpdatedNotificationParam,
 };
 use rmcp::service::{NotificationContext, Peer, RequestContext, RunningService};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
@@ -114,11 +115,17 @@ impl InFlight {
         let mut found: Option<&(u64, Peer<RoleServer>)> = None;
         for entry in calls.values() {
             match found {
-                Some(f) if f.0 != entry.0 => return Err("several client sessions have calls in flight on this shared upstream connection"),
+                Some(f) if f.0 != entry.0 => {
+                    return Err(
+                        "several client sessions have calls in flight on this shared upstream connection",
+                    );
+                }
                 _ => found = Some(entry),
             }
         }
-        found.map(|f| f.1.clone()).ok_or("no client call is in flight on this upstream")
+        found
+            .map(|f| f.1.clone())
+            .ok_or("no client call is in flight on this upstream")
     }
 }
 
@@ -145,7 +152,7 @@ pub struct UpstreamRelay {
     target: RelayTarget,
     info: ClientInfo,
     /// Upstream progress token (assigned by our client) → (client's token, client peer).
-    progress: Arc<Mutex<HashMap<ProgressToken, (ProgressToken, Peer<RoleServer>)>>>,
+    progress: ProgressMap,
     changes: mpsc::Sender<ListChanged>,
 }
 
@@ -180,7 +187,10 @@ impl UpstreamRelay {
             }
             _ => {}
         }
-        let info = ClientInfo::new(capabilities, Implementation::new(client_name, env!("CARGO_PKG_VERSION")));
+        let info = ClientInfo::new(
+            capabilities,
+            Implementation::new(client_name, env!("CARGO_PKG_VERSION")),
+        );
         let progress: ProgressMap = Arc::new(Mutex::new(HashMap::new()));
         (
             UpstreamRelay {
@@ -202,7 +212,10 @@ impl UpstreamRelay {
             RelayTarget::Shared(inflight) => inflight.sole_session().map_err(|why| {
                 McpError::new(
                     ErrorCode::INTERNAL_ERROR,
-                    format!("meshgate cannot relay {what} from upstream `{}`: {why}", self.name),
+                    format!(
+                        "meshgate cannot relay {what} from upstream `{}`: {why}",
+                        self.name
+                    ),
                     None,
                 )
             }),
@@ -253,20 +266,37 @@ impl ClientHandler for UpstreamRelay {
             .map_err(|e| relay_error("elicitation/create", &self.name, e))
     }
 
-    async fn list_roots(&self, _context: RequestContext<RoleClient>) -> Result<ListRootsResult, McpError> {
+    async fn list_roots(
+        &self,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<ListRootsResult, McpError> {
         let peer = self.request_target("roots/list")?;
-        peer.list_roots().await.map_err(|e| relay_error("roots/list", &self.name, e))
+        peer.list_roots()
+            .await
+            .map_err(|e| relay_error("roots/list", &self.name, e))
     }
 
-    async fn on_progress(&self, mut params: ProgressNotificationParam, _context: NotificationContext<RoleClient>) {
-        let route = self.progress.lock().ok().and_then(|m| m.get(&params.progress_token).cloned());
+    async fn on_progress(
+        &self,
+        mut params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        let route = self
+            .progress
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&params.progress_token).cloned());
         if let Some((client_token, peer)) = route {
             params.progress_token = client_token;
             let _ = peer.notify_progress(params).await;
         }
     }
 
-    async fn on_logging_message(&self, params: LoggingMessageNotificationParam, _context: NotificationContext<RoleClient>) {
+    async fn on_logging_message(
+        &self,
+        params: LoggingMessageNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
         match &self.target {
             RelayTarget::Session(peer) => {
                 let _ = peer.notify_logging_message(params).await;
@@ -275,12 +305,18 @@ impl ClientHandler for UpstreamRelay {
                 Ok(peer) => {
                     let _ = peer.notify_logging_message(params).await;
                 }
-                Err(_) => tracing::info!(upstream = %self.name, level = ?params.level, data = %params.data, "upstream log message"),
+                Err(_) => {
+                    tracing::info!(upstream = %self.name, level = ?params.level, data = %params.data, "upstream log message")
+                }
             },
         }
     }
 
-    async fn on_resource_updated(&self, mut params: ResourceUpdatedNotificationParam, _context: NotificationContext<RoleClient>) {
+    async fn on_resource_updated(
+        &self,
+        mut params: ResourceUpdatedNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
         if let RelayTarget::Session(peer) = &self.target {
             params.uri = self.namer.uri(&self.name, &params.uri);
             let _ = peer.notify_resource_updated(params).await;
@@ -320,7 +356,11 @@ pub enum ConnectError {
 }
 
 /// Opens a connection to `cfg` and completes the MCP handshake.
-pub async fn connect(cfg: &UpstreamConfig, relay: UpstreamRelay, http: &reqwest::Client) -> Result<UpstreamConnection, ConnectError> {
+pub async fn connect(
+    cfg: &UpstreamConfig,
+    relay: UpstreamRelay,
+    http: &reqwest::Client,
+) -> Result<UpstreamConnection, ConnectError> {
     let limit = Duration::from_secs(cfg.connect_timeout_secs);
     let name = cfg.name.clone();
     let fut = async {
@@ -341,7 +381,10 @@ pub async fn connect(cfg: &UpstreamConfig, relay: UpstreamRelay, http: &reqwest:
                 let (proc, stderr) = TokioChildProcess::builder(cmd)
                     .stderr(Stdio::piped())
                     .spawn()
-                    .map_err(|source| ConnectError::Spawn { command: program.clone(), source })?;
+                    .map_err(|source| ConnectError::Spawn {
+                        command: program.clone(),
+                        source,
+                    })?;
                 if let Some(stderr) = stderr {
                     let upstream = name.clone();
                     tokio::spawn(async move {
@@ -351,21 +394,34 @@ pub async fn connect(cfg: &UpstreamConfig, relay: UpstreamRelay, http: &reqwest:
                         }
                     });
                 }
-                serve_client(relay, proc).await.map_err(|e| ConnectError::Handshake(e.to_string()))
+                serve_client(relay, proc)
+                    .await
+                    .map_err(|e| ConnectError::Handshake(e.to_string()))
             }
             UpstreamTransport::StreamableHttp => {
-                let mut config = StreamableHttpClientTransportConfig::with_uri(cfg.url.clone().unwrap_or_default())
-                    .max_concurrent_requests(256);
+                let mut config = StreamableHttpClientTransportConfig::with_uri(
+                    cfg.url.clone().unwrap_or_default(),
+                )
+                .max_concurrent_requests(256);
                 for (k, v) in &cfg.headers {
-                    match (http::HeaderName::try_from(k.as_str()), http::HeaderValue::try_from(v.as_str())) {
+                    match (
+                        http::HeaderName::try_from(k.as_str()),
+                        http::HeaderValue::try_from(v.as_str()),
+                    ) {
                         (Ok(k), Ok(v)) => {
                             config.custom_headers.insert(k, v);
                         }
-                        _ => return Err(ConnectError::Handshake(format!("header `{k}` is not a valid HTTP header"))),
+                        _ => {
+                            return Err(ConnectError::Handshake(format!(
+                                "header `{k}` is not a valid HTTP header"
+                            )));
+                        }
                     }
                 }
                 let transport = StreamableHttpClientTransport::with_client(http.clone(), config);
-                serve_client(relay, transport).await.map_err(|e| ConnectError::Handshake(e.to_string()))
+                serve_client(relay, transport)
+                    .await
+                    .map_err(|e| ConnectError::Handshake(e.to_string()))
             }
         }
     };
@@ -377,5 +433,8 @@ pub async fn connect(cfg: &UpstreamConfig, relay: UpstreamRelay, http: &reqwest:
 
 /// Seconds since the Unix epoch, for status timestamps.
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

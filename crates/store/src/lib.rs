@@ -19,7 +19,9 @@ pub use sqlite::SqliteStore;
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// The database could not be opened or created.
-    #[error("cannot open database {path}: {source}; check that the data directory exists and is writable")]
+    #[error(
+        "cannot open database {path}: {source}; check that the data directory exists and is writable"
+    )]
     Open {
         /// Database location.
         path: String,

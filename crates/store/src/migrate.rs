@@ -29,9 +29,10 @@ pub(crate) async fn run_sqlite(pool: &SqlitePool) -> StoreResult<i64> {
     )
     .execute(pool)
     .await?;
-    let current: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-        .fetch_one(pool)
-        .await?;
+    let current: i64 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            .fetch_one(pool)
+            .await?;
     let newest = SQLITE.last().map_or(0, |m| m.version);
     if current > newest {
         return Err(StoreError::SchemaTooNew {

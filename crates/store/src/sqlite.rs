@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
 
 use crate::{SessionRecord, Store, StoreError, StoreResult, UpstreamRecord, migrate};
 
@@ -22,7 +25,10 @@ impl SqliteStore {
         let path = data_dir.join("meshgate.db");
         let shown = path.display().to_string();
         let options = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(|source| StoreError::Open { path: shown.clone(), source })?
+            .map_err(|source| StoreError::Open {
+                path: shown.clone(),
+                source,
+            })?
             .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -33,14 +39,19 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options)
             .await
-            .map_err(|source| StoreError::Open { path: shown, source })?;
+            .map_err(|source| StoreError::Open {
+                path: shown,
+                source,
+            })?;
         migrate::run_sqlite(&pool).await?;
         Ok(SqliteStore { pool })
     }
 
     /// The SQLite journal mode in force (`wal` after [`SqliteStore::open`]).
     pub async fn journal_mode(&self) -> StoreResult<String> {
-        Ok(sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&self.pool).await?)
+        Ok(sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&self.pool)
+            .await?)
     }
 }
 
@@ -74,9 +85,11 @@ impl Store for SqliteStore {
     }
 
     async fn schema_version(&self) -> StoreResult<i64> {
-        Ok(sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     async fn upsert_upstream(&self, r: &UpstreamRecord) -> StoreResult<()> {
@@ -95,9 +108,11 @@ impl Store for SqliteStore {
     }
 
     async fn list_upstreams(&self) -> StoreResult<Vec<UpstreamRecord>> {
-        let rows = sqlx::query("SELECT name, source, definition, created_at, updated_at FROM upstreams ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT name, source, definition, created_at, updated_at FROM upstreams ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|row| {
                 Ok(UpstreamRecord {
@@ -155,12 +170,17 @@ impl Store for SqliteStore {
     }
 
     async fn delete_session(&self, id: &str) -> StoreResult<bool> {
-        let done = sqlx::query("DELETE FROM sessions WHERE id = ?").bind(id).execute(&self.pool).await?;
+        let done = sqlx::query("DELETE FROM sessions WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() > 0)
     }
 
     async fn count_sessions(&self) -> StoreResult<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM sessions").fetch_one(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM sessions")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     async fn purge_sessions_before(&self, before: i64) -> StoreResult<u64> {
@@ -178,7 +198,11 @@ mod tests {
     use serde_json::json;
 
     fn temp_dir(tag: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("meshgate-store-{tag}-{}-{}", std::process::id(), crate::now_ms()));
+        let dir = std::env::temp_dir().join(format!(
+            "meshgate-store-{tag}-{}-{}",
+            std::process::id(),
+            crate::now_ms()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }
@@ -212,7 +236,10 @@ mod tests {
     async fn refuses_a_schema_from_the_future() {
         let dir = temp_dir("future");
         let store = SqliteStore::open(&dir).await.unwrap();
-        sqlx::query("INSERT INTO schema_migrations VALUES (99, 'future', 0)").execute(&store.pool).await.unwrap();
+        sqlx::query("INSERT INTO schema_migrations VALUES (99, 'future', 0)")
+            .execute(&store.pool)
+            .await
+            .unwrap();
         drop(store);
         let err = SqliteStore::open(&dir).await.unwrap_err().to_string();
         assert!(err.contains("99") && err.contains("newer"), "{err}");
@@ -226,7 +253,10 @@ mod tests {
         store.put_session(&session("b", 1000)).await.unwrap();
         drop(store);
         let store = SqliteStore::open(&dir).await.unwrap();
-        assert_eq!(store.get_session("a").await.unwrap(), Some(session("a", 10)));
+        assert_eq!(
+            store.get_session("a").await.unwrap(),
+            Some(session("a", 10))
+        );
         assert_eq!(store.count_sessions().await.unwrap(), 2);
         assert_eq!(store.purge_sessions_before(500).await.unwrap(), 1);
         assert!(store.get_session("a").await.unwrap().is_none());
@@ -249,8 +279,20 @@ mod tests {
                 .await
                 .unwrap();
         }
-        assert_eq!(store.prune_upstreams("config", &["a".into()]).await.unwrap(), 1);
-        let names: Vec<_> = store.list_upstreams().await.unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(
+            store
+                .prune_upstreams("config", &["a".into()])
+                .await
+                .unwrap(),
+            1
+        );
+        let names: Vec<_> = store
+            .list_upstreams()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
         assert_eq!(names, ["a", "c"]);
     }
 }
