@@ -48,8 +48,12 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     };
     let mut config = match &path {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read config file {} (from --config or MESHGATE_CONFIG)", p.display()))?;
+            let text = std::fs::read_to_string(p).with_context(|| {
+                format!(
+                    "cannot read config file {} (from --config or MESHGATE_CONFIG)",
+                    p.display()
+                )
+            })?;
             Config::from_toml(&text, &p.display().to_string())?
         }
         None => Config::default(),
@@ -62,8 +66,9 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
         config.data_dir = d.clone();
     }
     if let Some(f) = &args.log_format {
-        config.log.format = LogFormat::parse(f)
-            .ok_or_else(|| anyhow::anyhow!("--log-format {f:?} is not allowed; use json or human"))?;
+        config.log.format = LogFormat::parse(f).ok_or_else(|| {
+            anyhow::anyhow!("--log-format {f:?} is not allowed; use json or human")
+        })?;
     }
     if let Some(p) = &path {
         resolve_relative(&mut config, p);
@@ -86,12 +91,22 @@ fn resolve_relative(config: &mut Config, file: &Path) {
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_else(|e| {
-        eprintln!("log.level {:?} is not a valid filter ({e}); using info", config.log.level);
+        eprintln!(
+            "log.level {:?} is not a valid filter ({e}); using info",
+            config.log.level
+        );
         tracing_subscriber::EnvFilter::new("info")
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
         LogFormat::Human => builder.init(),
     }
 }
@@ -120,7 +135,10 @@ fn toml_like(c: &Config) -> anyhow::Result<String> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
