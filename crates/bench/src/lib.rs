@@ -11,6 +11,8 @@
 //! The `meshgate` binary exposes it as `meshgate bench ...` by embedding
 //! [`BenchArgs`] and calling [`run_cli`].
 
+#![warn(missing_docs)]
+
 pub mod cpu;
 pub mod mcp;
 pub mod sse;

@@ -67,6 +67,7 @@ impl CallError {
             CallError::Http { status, body } => {
                 format!("{what} failed: HTTP {} from {url}: {body}", status.as_u16())
             }
+            CallError::Transport(m) if m.contains(url.as_str()) => format!("{what} failed: {m}"),
             CallError::Transport(m) => format!("{what} failed: {m} ({url})"),
             CallError::Protocol(m) => format!("{what} failed: {m} (from {url})"),
             CallError::Rpc(m) => format!("{what} failed: {m}"),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use meshgate_core::Config;
 use meshgate_store::{SqliteStore, Store, UpstreamRecord, now_ms};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -96,8 +97,13 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
         signal.cancel();
     });
     let drain = shutdown.clone();
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(async move { drain.cancelled().await });
+    let server = axum::serve(
+        listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        }),
+        app,
+    )
+    .with_graceful_shutdown(async move { drain.cancelled().await });
     let served = tokio::spawn(async move { server.await });
     shutdown.cancelled().await;
     match tokio::time::timeout(grace, served).await {
