@@ -104,9 +104,7 @@ struct ProgressGuard {
 
 impl Drop for ProgressGuard {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.map.lock() {
-            m.remove(&self.token);
-        }
+        self.map.remove(&self.token);
     }
 }
 
@@ -257,6 +255,11 @@ impl GatewayHandler {
         let mut options = PeerRequestOptions::no_options();
         options.timeout = Some(Duration::from_secs(up.config.timeout_secs));
         options.meta = Some(ctx.meta.clone());
+        // Progress the upstream sends right away waits for the route instead of being dropped.
+        let registering = match client_token {
+            Some(_) => Some(progress.registration().await),
+            None => None,
+        };
         let handle = peer
             .send_request_with_option(request, options)
             .await
@@ -270,14 +273,13 @@ impl GatewayHandler {
                 )
             })?;
         let _progress = client_token.map(|token| {
-            if let Ok(mut m) = progress.lock() {
-                m.insert(handle.progress_token.clone(), (token, ctx.peer.clone()));
-            }
+            progress.insert(handle.progress_token.clone(), token, ctx.peer.clone());
             ProgressGuard {
                 map: progress.clone(),
                 token: handle.progress_token.clone(),
             }
         });
+        drop(registering);
         let id = handle.id.clone();
         let result = tokio::select! {
             r = handle.await_response() => r,

@@ -156,8 +156,55 @@ pub struct UpstreamRelay {
     changes: mpsc::Sender<ListChanged>,
 }
 
-/// Shared map of progress tokens for a connection.
-pub type ProgressMap = Arc<Mutex<HashMap<ProgressToken, (ProgressToken, Peer<RoleServer>)>>>;
+/// Progress routing of one connection: upstream progress token (assigned by
+/// our client) → (client's token, client peer).
+#[derive(Default)]
+pub struct ProgressRoutes {
+    routes: Mutex<HashMap<ProgressToken, (ProgressToken, Peer<RoleServer>)>>,
+    /// Write-held by a caller from sending its request until its route is
+    /// registered, read-held by the relay while it looks a route up: a fast
+    /// upstream's first progress notification can arrive before the route
+    /// exists, and would otherwise be dropped.
+    registering: tokio::sync::RwLock<()>,
+}
+
+impl ProgressRoutes {
+    /// Blocks route lookups until the returned guard is dropped; take it
+    /// before sending a request whose progress is to be routed.
+    pub async fn registration(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.registering.write().await
+    }
+
+    /// Routes progress carrying `upstream` to `client_token` at `peer`.
+    pub fn insert(
+        &self,
+        upstream: ProgressToken,
+        client_token: ProgressToken,
+        peer: Peer<RoleServer>,
+    ) {
+        if let Ok(mut m) = self.routes.lock() {
+            m.insert(upstream, (client_token, peer));
+        }
+    }
+
+    /// Forgets the route of `upstream`.
+    pub fn remove(&self, upstream: &ProgressToken) {
+        if let Ok(mut m) = self.routes.lock() {
+            m.remove(upstream);
+        }
+    }
+
+    async fn route(&self, upstream: &ProgressToken) -> Option<(ProgressToken, Peer<RoleServer>)> {
+        let _registered = self.registering.read().await;
+        self.routes
+            .lock()
+            .ok()
+            .and_then(|m| m.get(upstream).cloned())
+    }
+}
+
+/// Shared progress routing of a connection.
+pub type ProgressMap = Arc<ProgressRoutes>;
 
 impl UpstreamRelay {
     /// A relay for `upstream`. `client` is the downstream client's initialize
@@ -191,7 +238,7 @@ impl UpstreamRelay {
             capabilities,
             Implementation::new(client_name, env!("CARGO_PKG_VERSION")),
         );
-        let progress: ProgressMap = Arc::new(Mutex::new(HashMap::new()));
+        let progress: ProgressMap = Arc::default();
         (
             UpstreamRelay {
                 upstream,
@@ -281,11 +328,7 @@ impl ClientHandler for UpstreamRelay {
         mut params: ProgressNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        let route = self
-            .progress
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&params.progress_token).cloned());
+        let route = self.progress.route(&params.progress_token).await;
         if let Some((client_token, peer)) = route {
             params.progress_token = client_token;
             let _ = peer.notify_progress(params).await;

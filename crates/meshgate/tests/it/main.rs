@@ -1,0 +1,12 @@
+//! Integration tests of the `meshgate` binary: real gateway processes in front
+//! of real upstream MCP servers (the `meshgate-fixture` binary over HTTP and
+//! stdio, and the official server-everything), driven by the rmcp client and
+//! by plain HTTP.
+
+mod bad_input;
+mod everything;
+mod federation;
+mod legacy_sse;
+mod operations;
+mod streamable;
+mod support;
