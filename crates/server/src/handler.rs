@@ -359,6 +359,35 @@ impl GatewayHandler {
         ))
     }
 
+    /// When `exposed` carries the prefix of an upstream that has not been
+    /// listed because it is down, the error that says so (instead of
+    /// "unknown tool").
+    fn unlisted_because_down(&self, exposed: &str) -> Option<McpError> {
+        if !self.gw.namer.prefixed {
+            return None;
+        }
+        let sep = &self.gw.namer.separator;
+        let up = self.gw.upstreams.iter().find(|u| {
+            exposed
+                .strip_prefix(u.config.name.as_str())
+                .is_some_and(|rest| rest.starts_with(sep.as_str()))
+        })?;
+        let (status, _) = up.status();
+        let why = match status {
+            crate::upstream::UpstreamStatus::Down(e) => e,
+            crate::upstream::UpstreamStatus::Connecting => "still connecting".to_owned(),
+            _ => return None,
+        };
+        metrics::counter!("gateway_errors_total", "type" => "upstream_unavailable").increment(1);
+        Some(err(
+            ErrorCode::INTERNAL_ERROR,
+            format!(
+                "tool `{exposed}` belongs to upstream `{}`, which is unavailable ({why}); its tools are listed and callable once it recovers (see GET /health/upstreams/{})",
+                up.config.name, up.config.name
+            ),
+        ))
+    }
+
     fn status_report(&self) -> serde_json::Value {
         let upstreams: Vec<serde_json::Value> = self
             .gw
@@ -501,6 +530,10 @@ impl ServerHandler for GatewayHandler {
                 return Ok(CallToolResponse::Complete(
                     rmcp::model::CallToolResult::structured(self.status_report()),
                 ));
+            }
+            if let Some(e) = self.unlisted_because_down(&exposed) {
+                record("tools/call", None, started, "error");
+                return Err(e);
             }
             metrics::counter!("gateway_errors_total", "type" => "unknown_tool").increment(1);
             record("tools/call", None, started, "unknown_tool");

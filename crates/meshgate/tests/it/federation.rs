@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::support::{Env, call_tool, connect, text_of};
+use crate::support::{Env, call, call_tool, connect, text_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_upstream_degrades_health_but_other_upstreams_keep_working() {
@@ -39,6 +39,15 @@ async fn dead_upstream_degrades_health_but_other_upstreams_keep_working() {
         .collect();
     assert!(names.iter().any(|n| n == "fx__echo"), "{names:?}");
     assert!(!names.iter().any(|n| n.starts_with("dead__")), "{names:?}");
+    let refused = session
+        .call_tool(call("dead__echo", json!({"message": "x"})))
+        .await
+        .expect_err("a tool of a down upstream cannot be called");
+    let message = refused.to_string();
+    assert!(
+        message.contains("upstream `dead`") && message.contains("unavailable"),
+        "the error names the down upstream instead of calling the tool unknown: {message}"
+    );
     let echo = call_tool(&session, "fx__echo", json!({"message": "alive"})).await;
     assert_eq!(text_of(&echo), "alive");
     let sum = call_tool(&session, "fxs__add", json!({"a": 1, "b": 2})).await;
