@@ -85,6 +85,11 @@ pub struct BenchArgs {
     /// Print the report as one JSON line instead of a table
     #[arg(long)]
     pub json: bool,
+
+    /// MCP revision offered in `initialize`; use the one the gateway negotiates
+    /// with the upstream when comparing direct and through-gateway runs
+    #[arg(long, value_name = "REVISION", default_value = "2025-11-25")]
+    pub protocol_version: String,
 }
 
 impl BenchArgs {
@@ -103,6 +108,7 @@ impl BenchArgs {
             pid: None,
             timeout: 30.0,
             json: false,
+            protocol_version: "2025-11-25".to_string(),
         }
     }
 }
@@ -344,6 +350,7 @@ pub async fn run(opts: &BenchArgs) -> Result<BenchReport> {
         client,
         url: plan.url.clone(),
         extra_headers: plan.headers.clone(),
+        protocol_version: opts.protocol_version.clone(),
     });
 
     let opened = futures::future::join_all((0..plan.sessions).map(|_| {

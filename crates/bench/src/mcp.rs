@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::sse::{Flow, SseParser};
 
 /// Protocol version the bench client asks for in `initialize`.
-pub const PROTOCOL_VERSION: &str = "2025-06-18";
+pub const PROTOCOL_VERSION: &str = "2025-11-25";
 
 const ACCEPT_BOTH: HeaderValue = HeaderValue::from_static("application/json, text/event-stream");
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -40,6 +40,8 @@ pub struct Target {
     pub url: Url,
     /// Extra request headers (e.g. `Authorization`).
     pub extra_headers: Vec<(HeaderName, HeaderValue)>,
+    /// MCP revision offered in `initialize`.
+    pub protocol_version: String,
 }
 
 /// Why one exchange failed.
@@ -334,7 +336,7 @@ impl Target {
             "id": 0,
             "method": "initialize",
             "params": {
-                "protocolVersion": PROTOCOL_VERSION,
+                "protocolVersion": self.protocol_version,
                 "capabilities": {},
                 "clientInfo": {"name": "meshgate-bench", "version": env!("CARGO_PKG_VERSION")},
             },
