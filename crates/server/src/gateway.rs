@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use meshgate_core::{Catalog, Config, Namer, UpstreamConfig};
@@ -106,6 +106,39 @@ impl Upstream {
     }
 }
 
+/// HTTP clients for upstream connections, built on first use. The plain-HTTP
+/// client skips TLS root loading, which costs about 100 ms at start-up (OpenSSL
+/// reads the system CA bundle); the TLS client is built only when an
+/// `https://` upstream is first connected.
+#[derive(Default)]
+pub struct HttpClients {
+    plain: OnceLock<reqwest::Client>,
+    tls: OnceLock<reqwest::Client>,
+}
+
+impl HttpClients {
+    /// The client for `url`, building it if needed.
+    pub fn for_url(&self, url: &str) -> Result<reqwest::Client, String> {
+        let tls = url.starts_with("https://");
+        let cell = if tls { &self.tls } else { &self.plain };
+        if let Some(c) = cell.get() {
+            return Ok(c.clone());
+        }
+        let builder = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true);
+        let builder = if tls {
+            builder
+        } else {
+            builder.tls_certs_only(Vec::new())
+        };
+        let client = builder
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client for upstreams: {e}"))?;
+        Ok(cell.get_or_init(|| client).clone())
+    }
+}
+
 /// The merged catalog all sessions see.
 #[derive(Default)]
 pub struct Snapshot {
@@ -138,8 +171,8 @@ pub struct Gateway {
     snapshot: RwLock<Arc<Snapshot>>,
     changes: broadcast::Sender<ListKind>,
     events: mpsc::Sender<ListChanged>,
-    /// HTTP client shared by all Streamable HTTP upstream connections.
-    pub http: reqwest::Client,
+    /// HTTP clients shared by all Streamable HTTP upstream connections.
+    pub http: HttpClients,
     ready: AtomicBool,
     /// Process start, for uptime.
     pub started: Instant,
@@ -184,11 +217,7 @@ impl Gateway {
                 })
             })
             .collect();
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| anyhow::anyhow!("cannot build the HTTP client for upstreams: {e}"))?;
+        let http = HttpClients::default();
         let (events, events_rx) = mpsc::channel(256);
         let (changes, _) = broadcast::channel(64);
         let gw = Arc::new(Gateway {

@@ -402,7 +402,7 @@ pub enum ConnectError {
 pub async fn connect(
     cfg: &UpstreamConfig,
     relay: UpstreamRelay,
-    http: &reqwest::Client,
+    http: &crate::gateway::HttpClients,
 ) -> Result<UpstreamConnection, ConnectError> {
     let limit = Duration::from_secs(cfg.connect_timeout_secs);
     let name = cfg.name.clone();
@@ -461,7 +461,10 @@ pub async fn connect(
                         }
                     }
                 }
-                let transport = StreamableHttpClientTransport::with_client(http.clone(), config);
+                let client = http
+                    .for_url(&cfg.url.clone().unwrap_or_default())
+                    .map_err(ConnectError::Handshake)?;
+                let transport = StreamableHttpClientTransport::with_client(client, config);
                 serve_client(relay, transport)
                     .await
                     .map_err(|e| ConnectError::Handshake(e.to_string()))
