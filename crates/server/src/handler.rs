@@ -318,6 +318,19 @@ impl GatewayHandler {
         }
     }
 
+    /// Routes a request about resource `uri` to its upstream; `build` makes
+    /// the request from the URI the upstream knows. Used where only success
+    /// matters (subscriptions).
+    async fn forward_for_uri(
+        &self,
+        uri: &str,
+        ctx: &RequestContext<RoleServer>,
+        build: impl FnOnce(String) -> ClientRequest,
+    ) -> Result<(), McpError> {
+        let (idx, original) = self.route_uri(uri)?;
+        self.forward(idx, build(original), ctx).await.map(|_| ())
+    }
+
     /// Finds the upstream and original URI of an exposed resource URI.
     fn route_uri(&self, uri: &str) -> Result<(usize, String), McpError> {
         let gw = &self.gw;
@@ -695,15 +708,12 @@ impl ServerHandler for GatewayHandler {
         mut request: SubscribeRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        let (idx, original) = self.route_uri(&request.uri)?;
-        request.uri = original;
-        self.forward(
-            idx,
-            ClientRequest::SubscribeRequest(SubscribeRequest::new(request)),
-            &ctx,
-        )
+        let uri = std::mem::take(&mut request.uri);
+        self.forward_for_uri(&uri, &ctx, |original| {
+            request.uri = original;
+            ClientRequest::SubscribeRequest(SubscribeRequest::new(request))
+        })
         .await
-        .map(|_| ())
     }
 
     async fn unsubscribe(
@@ -711,15 +721,12 @@ impl ServerHandler for GatewayHandler {
         mut request: UnsubscribeRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        let (idx, original) = self.route_uri(&request.uri)?;
-        request.uri = original;
-        self.forward(
-            idx,
-            ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(request)),
-            &ctx,
-        )
+        let uri = std::mem::take(&mut request.uri);
+        self.forward_for_uri(&uri, &ctx, |original| {
+            request.uri = original;
+            ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(request))
+        })
         .await
-        .map(|_| ())
     }
 
     async fn complete(

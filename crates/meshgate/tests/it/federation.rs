@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::support::{Env, call, call_tool, connect, text_of};
+use crate::support::{Env, call, call_tool, connect, text_of, tool_names};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_upstream_degrades_health_but_other_upstreams_keep_working() {
@@ -30,13 +30,7 @@ async fn dead_upstream_degrades_health_but_other_upstreams_keep_working() {
     assert_eq!(status, 200);
 
     let (session, _) = connect(&env.gw).await;
-    let names: Vec<String> = session
-        .list_all_tools()
-        .await
-        .expect("tools/list")
-        .into_iter()
-        .map(|t| t.name.to_string())
-        .collect();
+    let names: Vec<String> = tool_names(&session).await;
     assert!(names.iter().any(|n| n == "fx__echo"), "{names:?}");
     assert!(!names.iter().any(|n| n.starts_with("dead__")), "{names:?}");
     let refused = session

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     Env, RawSession, SAMPLED_TEXT, Seen, Session, SseReader, TestClient, WAIT, call, call_tool,
-    connect, connect_with, json_body, text_of,
+    connect, connect_with, json_body, text_of, tool_names,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,13 +369,7 @@ async fn tool_added_at_an_upstream_is_announced_listed_and_callable() {
         })
         .await;
 
-    let names: Vec<String> = session
-        .list_all_tools()
-        .await
-        .expect("tools/list")
-        .into_iter()
-        .map(|t| t.name.to_string())
-        .collect();
+    let names: Vec<String> = tool_names(&session).await;
     assert!(names.iter().any(|n| n == "fx__newtool"), "{names:?}");
     assert!(
         !names.iter().any(|n| n == "fxs__newtool"),

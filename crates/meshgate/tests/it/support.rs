@@ -296,11 +296,31 @@ impl Gateway {
             http: reqwest::Client::new(),
             dir,
         };
+        // The free port can be taken (e.g. as another test's outgoing port)
+        // between picking it and the gateway binding it: pick again then.
+        for _ in 0..4 {
+            match gw.try_spawn().await {
+                Ok(()) => return gw,
+                Err(log) if log.contains("cannot listen") => {
+                    gw.port = free_port();
+                    std::fs::write(&gw.config_path, config.render(gw.port, &gw.data_dir))
+                        .expect("write the config file");
+                }
+                Err(log) => panic!("the gateway exited before it was ready; its log:\n{log}"),
+            }
+        }
         gw.spawn().await;
         gw
     }
 
     async fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn().await {
+            panic!("the gateway exited before it was ready; its log:\n{log}");
+        }
+    }
+
+    /// Starts the process and waits for readiness; `Err(log)` if it exited first.
+    async fn try_spawn(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "the gateway is already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -324,24 +344,22 @@ impl Gateway {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", meshgate_bin().display()));
         self.child = Some(child);
-        self.wait_ready().await;
+        self.wait_ready().await
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!(
-                    "the gateway exited with {status} before it was ready; its log:\n{}",
-                    self.log()
-                );
+                self.child = None;
+                return Err(format!("(exit status {status})\n{}", self.log()));
             }
             if let Ok(r) = self.http.get(self.url("/ready")).send().await
                 && r.status() == reqwest::StatusCode::OK
             {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
@@ -598,6 +616,17 @@ pub fn call(name: &str, arguments: Value) -> CallToolRequestParams {
         panic!("tool arguments must be a JSON object");
     };
     CallToolRequestParams::new(name.to_owned()).with_arguments(arguments)
+}
+
+/// The names `tools/list` shows, in order.
+pub async fn tool_names(session: &Session) -> Vec<String> {
+    session
+        .list_all_tools()
+        .await
+        .expect("tools/list")
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect()
 }
 
 /// Calls a tool and fails the test on a protocol error.
