@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::auth::{Role, ToolPolicy, ToolRuleConfig};
 use crate::catalog::{PrefixMode, RESOURCE_SEPARATOR};
 
 /// A configuration problem, naming the key and what is allowed.
@@ -171,6 +172,19 @@ pub struct UpstreamConfig {
     /// Whether the upstream is used at all.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// The tenant that owns the upstream; only its principals see its tools.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// Offered to every tenant (declared sharing), not only its owner.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+/// The tenant of objects that name none.
+pub const DEFAULT_TENANT: &str = "default";
+
+fn default_tenant() -> String {
+    DEFAULT_TENANT.into()
 }
 
 fn default_call_timeout() -> u64 {
@@ -181,6 +195,122 @@ fn default_connect_timeout() -> u64 {
 }
 fn default_true() -> bool {
     true
+}
+
+/// Failed-authentication lockout settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LockoutConfig {
+    /// Failures from one client address within `window_secs` that lock it out (0 disables).
+    pub max_failures: u32,
+    /// The window failures are counted in, in seconds.
+    pub window_secs: u64,
+    /// How long a locked-out client is refused, in seconds.
+    pub lockout_secs: u64,
+}
+
+impl Default for LockoutConfig {
+    fn default() -> Self {
+        LockoutConfig {
+            max_failures: 5,
+            window_secs: 60,
+            lockout_secs: 900,
+        }
+    }
+}
+
+/// Audit log retention.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Entries older than this many days are deleted (0 keeps them forever).
+    pub retention_days: u64,
+    /// At most this many entries are kept; the oldest go first (0 = no limit).
+    pub max_entries: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            retention_days: 90,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+/// An external OAuth 2.1 authorization server whose access tokens the gateway accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthIssuerConfig {
+    /// The `iss` value tokens must carry (also listed as authorization server).
+    pub issuer: String,
+    /// Where its JSON Web Key Set is fetched from (refreshed on unknown `kid`).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Or a file holding the JSON Web Key Set.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Accepted `aud` values; tokens for anything else are refused.
+    pub audience: Vec<String>,
+    /// Tenant of principals from this issuer.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// Role of principals from this issuer; token `scope` values narrow it.
+    #[serde(default = "default_oauth_role")]
+    pub role: Role,
+}
+
+fn default_oauth_role() -> Role {
+    Role::Developer
+}
+
+/// MCP authorization (OAuth 2.1 resource server) settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct OAuthConfig {
+    /// This gateway's canonical resource URI (RFC 9728 `resource`), e.g.
+    /// `https://mcp.example.com/mcp`. Default: `http://<listen>/mcp`.
+    pub resource: Option<String>,
+    /// Trusted issuers.
+    pub issuers: Vec<OAuthIssuerConfig>,
+}
+
+/// Authentication and authorization settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Require credentials on every endpoint but `/health`, `/ready` and
+    /// `/.well-known/*`. Turn off only for local development.
+    pub enabled: bool,
+    /// Lifetime of access tokens from `/api/v1/auth/token`, in seconds.
+    pub access_token_ttl_secs: u64,
+    /// Lifetime of refresh tokens, in seconds.
+    pub refresh_token_ttl_secs: u64,
+    /// Tolerated clock difference when checking token times, in seconds.
+    pub clock_skew_secs: u64,
+    /// Failed-authentication lockout.
+    pub lockout: LockoutConfig,
+    /// Audit log retention.
+    pub audit: AuditConfig,
+    /// Per-tool allow and deny rules.
+    pub tool_rules: Vec<ToolRuleConfig>,
+    /// External OAuth issuers (MCP authorization).
+    pub oauth: OAuthConfig,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            enabled: true,
+            access_token_ttl_secs: 900,
+            refresh_token_ttl_secs: 30 * 24 * 3600,
+            clock_skew_secs: 60,
+            lockout: LockoutConfig::default(),
+            audit: AuditConfig::default(),
+            tool_rules: Vec::new(),
+            oauth: OAuthConfig::default(),
+        }
+    }
 }
 
 /// The gateway's whole configuration.
@@ -201,6 +331,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Seconds to let in-flight requests finish on shutdown.
     pub shutdown_grace_secs: u64,
+    /// Authentication, authorization and audit.
+    pub auth: AuthConfig,
 }
 
 impl Default for Config {
@@ -213,6 +345,7 @@ impl Default for Config {
             namespacing: NamespacingConfig::default(),
             upstreams: Vec::new(),
             shutdown_grace_secs: 10,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -235,6 +368,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ),
     ("MESHGATE_NAMESPACING_SEPARATOR", "namespacing.separator"),
     ("MESHGATE_SHUTDOWN_GRACE_SECS", "shutdown_grace_secs"),
+    ("MESHGATE_AUTH_ENABLED", "auth.enabled"),
 ];
 
 /// Variables the binary itself reads (not configuration keys).
@@ -336,6 +470,7 @@ impl Config {
             }
             "namespacing.separator" => self.namespacing.separator = value.to_owned(),
             "shutdown_grace_secs" => self.shutdown_grace_secs = parse_num(key, value)?,
+            "auth.enabled" => self.auth.enabled = parse_bool(key, value)?,
             _ => return Err(invalid(name, value, "internal: variable without a key")),
         }
         Ok(())
@@ -444,6 +579,9 @@ impl Config {
                     }
                 },
             }
+            if !valid_tenant(&up.tenant) {
+                errors.push(invalid(&k("tenant"), &up.tenant, TENANT_RULE));
+            }
             if up.timeout_secs == 0 {
                 errors.push(invalid(&k("timeout_secs"), "0", "must be at least 1"));
             }
@@ -455,12 +593,101 @@ impl Config {
                 ));
             }
         }
+        self.validate_auth(&mut errors);
         match errors.len() {
             0 => Ok(()),
             1 => Err(errors.remove(0)),
             _ => Err(ConfigError::Many(errors)),
         }
     }
+
+    fn validate_auth(&self, errors: &mut Vec<ConfigError>) {
+        let a = &self.auth;
+        for (key, v) in [
+            ("auth.access_token_ttl_secs", a.access_token_ttl_secs),
+            ("auth.refresh_token_ttl_secs", a.refresh_token_ttl_secs),
+            ("auth.lockout.window_secs", a.lockout.window_secs),
+            ("auth.lockout.lockout_secs", a.lockout.lockout_secs),
+        ] {
+            if v == 0 {
+                errors.push(invalid(key, "0", "must be at least 1"));
+            }
+        }
+        if a.refresh_token_ttl_secs < a.access_token_ttl_secs {
+            errors.push(invalid(
+                "auth.refresh_token_ttl_secs",
+                &a.refresh_token_ttl_secs.to_string(),
+                "must be at least auth.access_token_ttl_secs",
+            ));
+        }
+        if a.clock_skew_secs > 600 {
+            errors.push(invalid(
+                "auth.clock_skew_secs",
+                &a.clock_skew_secs.to_string(),
+                "must be at most 600 (ten minutes); fix the clocks instead",
+            ));
+        }
+        if let Err(e) = ToolPolicy::new(&a.tool_rules) {
+            errors.push(invalid("auth.tool_rules", "", &e));
+        }
+        for (i, r) in a.tool_rules.iter().enumerate() {
+            if r.tools.is_empty() {
+                errors.push(invalid(
+                    &format!("auth.tool_rules[{i}].tools"),
+                    "[]",
+                    "name at least one tool glob",
+                ));
+            }
+        }
+        if let Some(r) = &a.oauth.resource
+            && !(r.starts_with("http://") || r.starts_with("https://"))
+        {
+            errors.push(invalid("auth.oauth.resource", r, "must be an http(s) URL"));
+        }
+        for (i, iss) in a.oauth.issuers.iter().enumerate() {
+            let k = |f: &str| format!("auth.oauth.issuers[{i}].{f}");
+            if iss.issuer.trim().is_empty() {
+                errors.push(invalid(&k("issuer"), "", "must be the issuer URL tokens carry in `iss`"));
+            }
+            match (&iss.jwks_url, &iss.jwks_file) {
+                (None, None) => errors.push(invalid(
+                    &k("jwks_url"),
+                    "",
+                    "set jwks_url (fetched) or jwks_file (read at start-up) to verify signatures",
+                )),
+                (Some(_), Some(_)) => errors.push(invalid(
+                    &k("jwks_file"),
+                    "",
+                    "set only one of jwks_url and jwks_file",
+                )),
+                (Some(u), None) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                    errors.push(invalid(&k("jwks_url"), u, "must start with http:// or https://"))
+                }
+                _ => {}
+            }
+            if iss.audience.is_empty() {
+                errors.push(invalid(
+                    &k("audience"),
+                    "[]",
+                    "list the audience values this gateway accepts (usually its resource URL)",
+                ));
+            }
+            if !valid_tenant(&iss.tenant) {
+                errors.push(invalid(&k("tenant"), &iss.tenant, TENANT_RULE));
+            }
+        }
+    }
+}
+
+/// What a tenant name may look like.
+pub const TENANT_RULE: &str = "must be 1 to 64 characters from a-z A-Z 0-9 - _ .";
+
+/// Whether `t` is a valid tenant name.
+pub fn valid_tenant(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 64
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 #[cfg(test)]
@@ -531,6 +758,8 @@ mod tests {
                 timeout_secs: 1,
                 connect_timeout_secs: 1,
                 enabled: true,
+                tenant: DEFAULT_TENANT.into(),
+                shared: false,
             });
         }
         assert!(c.validate().unwrap_err().to_string().contains("unique"));

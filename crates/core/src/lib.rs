@@ -5,8 +5,13 @@
 //! Architecture invariant: no tokio, no HTTP, no filesystem access here.
 //! Callers hand in strings and get plain values back.
 
+pub mod auth;
 pub mod catalog;
 pub mod config;
 
 pub use catalog::{Catalog, CatalogIssue, Namer, PrefixMode, Route};
-pub use config::{Config, ConfigError, LogFormat, UpstreamConfig, UpstreamTransport};
+pub use auth::{CredentialKind, Principal, Role};
+pub use config::{
+    AuthConfig, Config, ConfigError, DEFAULT_TENANT, LogFormat, OAuthIssuerConfig, UpstreamConfig,
+    UpstreamTransport,
+};

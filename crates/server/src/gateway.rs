@@ -156,6 +156,22 @@ pub struct Snapshot {
     pub resource_routes: Catalog,
     /// Exposed resource templates.
     pub templates: Vec<ResourceTemplate>,
+    /// The upstream index of each entry of `tools`, `prompts`, `resources`
+    /// and `templates` (same order), for per-tenant visibility.
+    pub owners: SnapshotOwners,
+}
+
+/// Upstream indexes aligned with the lists of a [`Snapshot`].
+#[derive(Default)]
+pub struct SnapshotOwners {
+    /// Of `tools`.
+    pub tools: Vec<usize>,
+    /// Of `prompts`.
+    pub prompts: Vec<usize>,
+    /// Of `resources`.
+    pub resources: Vec<usize>,
+    /// Of `templates`.
+    pub templates: Vec<usize>,
 }
 
 /// The gateway: configuration, store, upstreams and catalog.
@@ -391,7 +407,8 @@ impl Gateway {
             resource_routes,
             ..Default::default()
         };
-        for (_, name, l) in &listings {
+        for (index, name, l) in &listings {
+            let index = *index;
             for t in &l.tools {
                 let exposed = self.namer.name(name, &t.name);
                 if snap
@@ -402,6 +419,7 @@ impl Gateway {
                     let mut t = t.clone();
                     t.name = exposed.into();
                     snap.tools.push(t);
+                    snap.owners.tools.push(index);
                 }
             }
             for p in &l.prompts {
@@ -414,17 +432,20 @@ impl Gateway {
                     let mut p = p.clone();
                     p.name = exposed;
                     snap.prompts.push(p);
+                    snap.owners.prompts.push(index);
                 }
             }
             for r in &l.resources {
                 let mut r = r.clone();
                 r.uri = self.namer.uri(name, &r.uri);
                 snap.resources.push(r);
+                snap.owners.resources.push(index);
             }
             for t in &l.templates {
                 let mut t = t.clone();
                 t.uri_template = self.namer.uri(name, &t.uri_template);
                 snap.templates.push(t);
+                snap.owners.templates.push(index);
             }
         }
         metrics::gauge!("gateway_catalog_tools").set(snap.tools.len() as f64);

@@ -28,6 +28,9 @@ use rmcp::service::{NotificationContext, Peer, PeerRequestOptions, RequestContex
 use rmcp::{ErrorData as McpError, RoleClient, RoleServer, ServerHandler, ServiceError};
 use tokio::sync::Mutex as AsyncMutex;
 
+use meshgate_core::auth::{Principal, scope};
+
+use crate::auth::{Auth, RequestPrincipal, TraceId};
 use crate::gateway::{Gateway, Upstream};
 use crate::upstream::{
     InFlightGuard, ListKind, ProgressMap, RelayTarget, UpstreamConnection, UpstreamRelay, connect,
@@ -92,8 +95,48 @@ impl Drop for SessionState {
 #[derive(Clone)]
 pub struct GatewayHandler {
     gw: Arc<Gateway>,
+    auth: Arc<Auth>,
+    /// The principal of a session whose messages carry none of their own
+    /// (legacy SSE: bound when the stream was opened).
+    bound: Option<Arc<Principal>>,
     session: u64,
     state: Arc<SessionState>,
+}
+
+/// JSON-RPC error code of an authorization refusal (the MCP equivalent of 403).
+pub const FORBIDDEN: ErrorCode = ErrorCode(-32003);
+
+fn forbidden(message: String, reason: &str, extra: serde_json::Value) -> McpError {
+    metrics::counter!("gateway_errors_total", "type" => "forbidden").increment(1);
+    let mut data = serde_json::json!({"reason": reason, "http_status": 403});
+    if let (Some(d), serde_json::Value::Object(extra)) = (data.as_object_mut(), extra) {
+        d.extend(extra);
+    }
+    McpError::new(FORBIDDEN, message, Some(data))
+}
+
+/// The principal of a request: put into the request by the auth layer
+/// (directly, or inside the HTTP request parts rmcp attaches).
+fn request_principal(ctx: &RequestContext<RoleServer>) -> Option<Arc<Principal>> {
+    ctx.extensions
+        .get::<RequestPrincipal>()
+        .or_else(|| {
+            ctx.extensions
+                .get::<http::request::Parts>()
+                .and_then(|p| p.extensions.get::<RequestPrincipal>())
+        })
+        .map(|p| p.0.clone())
+}
+
+fn request_trace(ctx: &RequestContext<RoleServer>) -> Option<String> {
+    ctx.extensions
+        .get::<TraceId>()
+        .or_else(|| {
+            ctx.extensions
+                .get::<http::request::Parts>()
+                .and_then(|p| p.extensions.get::<TraceId>())
+        })
+        .map(|t| t.0.clone())
 }
 
 /// Per-call bookkeeping that unregisters progress routing when dropped.
@@ -132,9 +175,11 @@ fn outcome<T>(r: &Result<T, McpError>) -> &'static str {
 
 impl GatewayHandler {
     /// A handler for a new session over `transport` (`streamable_http`, `sse`).
-    pub fn new(gw: Arc<Gateway>, transport: &'static str) -> GatewayHandler {
+    pub fn new(gw: Arc<Gateway>, auth: Arc<Auth>, transport: &'static str) -> GatewayHandler {
         GatewayHandler {
             gw,
+            auth,
+            bound: None,
             session: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
             state: Arc::new(SessionState {
                 peer: OnceLock::new(),
@@ -146,6 +191,55 @@ impl GatewayHandler {
                 counted: std::sync::atomic::AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Binds the session to `principal` (for transports whose messages do not
+    /// carry their own).
+    pub fn with_principal(mut self, principal: Arc<Principal>) -> GatewayHandler {
+        self.bound = Some(principal);
+        self
+    }
+
+    /// Who sent the request, checked to hold `needed` for `method`.
+    fn caller(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        needed: &str,
+        method: &str,
+    ) -> Result<Arc<Principal>, McpError> {
+        let p = request_principal(ctx)
+            .or_else(|| self.bound.clone())
+            .ok_or_else(|| {
+                forbidden(
+                    format!("{method}: the request carries no authenticated principal"),
+                    "unauthenticated",
+                    serde_json::Value::Null,
+                )
+            })?;
+        if !p.has_scope(needed) {
+            return Err(forbidden(
+                format!(
+                    "forbidden: {method} needs scope `{needed}`, which your credential (role `{}`) does not hold",
+                    p.role
+                ),
+                "insufficient_scope",
+                serde_json::json!({"scope": needed}),
+            ));
+        }
+        Ok(p)
+    }
+
+    /// Whether `principal`'s tenant may use upstream `index` (its own, or shared).
+    fn visible(&self, index: usize, principal: &Principal) -> bool {
+        self.gw
+            .upstreams
+            .get(index)
+            .is_some_and(|u| u.config.shared || u.config.tenant == principal.tenant)
+    }
+
+    /// Whether `principal` may see and call the exposed tool `name` of upstream `index`.
+    fn tool_usable(&self, index: usize, name: &str, principal: &Principal) -> bool {
+        self.visible(index, principal) && self.auth.policy.check(principal, name).is_ok()
     }
 
     fn upstream(&self, index: usize) -> Result<&Arc<Upstream>, McpError> {
@@ -327,8 +421,22 @@ impl GatewayHandler {
         ctx: &RequestContext<RoleServer>,
         build: impl FnOnce(String) -> ClientRequest,
     ) -> Result<(), McpError> {
-        let (idx, original) = self.route_uri(uri)?;
+        let p = self.caller(ctx, scope::MCP_READ, "resources/subscribe")?;
+        let (idx, original) = self.route_visible_uri(uri, &p)?;
         self.forward(idx, build(original), ctx).await.map(|_| ())
+    }
+
+    /// [`Self::route_uri`], refusing URIs of upstreams the principal's tenant
+    /// may not use as if they did not exist.
+    fn route_visible_uri(&self, uri: &str, p: &Principal) -> Result<(usize, String), McpError> {
+        let (idx, original) = self.route_uri(uri)?;
+        if !self.visible(idx, p) {
+            return Err(err(
+                ErrorCode::RESOURCE_NOT_FOUND,
+                format!("no upstream provides resource `{uri}`; see resources/list"),
+            ));
+        }
+        Ok((idx, original))
     }
 
     /// Finds the upstream and original URI of an exposed resource URI.
@@ -375,7 +483,7 @@ impl GatewayHandler {
     /// When `exposed` carries the prefix of an upstream that has not been
     /// listed because it is down, the error that says so (instead of
     /// "unknown tool").
-    fn unlisted_because_down(&self, exposed: &str) -> Option<McpError> {
+    fn unlisted_because_down(&self, exposed: &str, p: &Principal) -> Option<McpError> {
         if !self.gw.namer.prefixed {
             return None;
         }
@@ -384,6 +492,7 @@ impl GatewayHandler {
             exposed
                 .strip_prefix(u.config.name.as_str())
                 .is_some_and(|rest| rest.starts_with(sep.as_str()))
+                && self.visible(u.index, p)
         })?;
         let (status, _) = up.status();
         let why = match status {
@@ -401,11 +510,124 @@ impl GatewayHandler {
         ))
     }
 
-    fn status_report(&self) -> serde_json::Value {
+    /// `tools/call` for an authorized principal: tenant visibility, tool
+    /// rules, then forwarding.
+    async fn call_tool_as(
+        &self,
+        p: &Principal,
+        mut request: CallToolRequestParams,
+        ctx: &RequestContext<RoleServer>,
+        started: Instant,
+    ) -> Result<CallToolResponse, McpError> {
+        let exposed = request.name.to_string();
+        let snap = self.gw.snapshot();
+        let route = snap
+            .tool_routes
+            .resolve(&exposed)
+            .filter(|r| self.visible(r.upstream, p))
+            .cloned();
+        drop(snap);
+        let Some(route) = route else {
+            if exposed == STATUS_TOOL {
+                self.check_tool_rules(p, STATUS_TOOL)?;
+                record("tools/call", Some(STATUS_TOOL), started, "ok");
+                return Ok(CallToolResponse::Complete(
+                    rmcp::model::CallToolResult::structured(self.status_report(p)),
+                ));
+            }
+            if let Some(e) = self.unlisted_because_down(&exposed, p) {
+                record("tools/call", None, started, "error");
+                return Err(e);
+            }
+            metrics::counter!("gateway_errors_total", "type" => "unknown_tool").increment(1);
+            record("tools/call", None, started, "unknown_tool");
+            return Err(err(
+                ErrorCode::INVALID_PARAMS,
+                format!(
+                    "unknown tool `{exposed}`: no upstream provides it; call tools/list for the available tools"
+                ),
+            ));
+        };
+        if let Err(e) = self.check_tool_rules(p, &exposed) {
+            record("tools/call", Some(&exposed), started, "denied");
+            return Err(e);
+        }
+        request.name = route.original.into();
+        let r = self
+            .forward(
+                route.upstream,
+                ClientRequest::CallToolRequest(CallToolRequest::new(request)),
+                ctx,
+            )
+            .await;
+        let r = match r {
+            Ok(ServerResult::CallToolResult(res)) => {
+                let o = if res.is_error == Some(true) {
+                    "tool_error"
+                } else {
+                    "ok"
+                };
+                record("tools/call", Some(&exposed), started, o);
+                return Ok(CallToolResponse::Complete(res));
+            }
+            Ok(ServerResult::InputRequiredResult(res)) => Ok(CallToolResponse::InputRequired(res)),
+            Ok(ServerResult::CreateTaskResult(res)) => Ok(CallToolResponse::Task(res)),
+            Ok(_) => Err(err(
+                ErrorCode::INTERNAL_ERROR,
+                "upstream answered tools/call with an unexpected result type".into(),
+            )),
+            Err(e) => Err(e),
+        };
+        record("tools/call", Some(&exposed), started, outcome(&r));
+        r
+    }
+
+
+    fn check_tool_rules(&self, p: &Principal, tool: &str) -> Result<(), McpError> {
+        self.auth.policy.check(p, tool).map_err(|denied| {
+            forbidden(
+                format!("forbidden: {denied}; an admin can change auth.tool_rules"),
+                "tool_denied",
+                serde_json::json!({"tool": tool, "rule": denied.rule}),
+            )
+        })
+    }
+
+    /// Queues the audit entry of a tool call.
+    #[allow(clippy::too_many_arguments)]
+    async fn audit_call(
+        &self,
+        p: &Principal,
+        ctx: &RequestContext<RoleServer>,
+        tool: &str,
+        args: &serde_json::Value,
+        started: Instant,
+        outcome: &str,
+        message: Option<&str>,
+    ) {
+        let trace = request_trace(ctx);
+        let mut e = crate::auth::audit::entry(
+            p,
+            "tool.call",
+            tool,
+            outcome,
+            trace.as_deref(),
+            match message {
+                Some(m) => serde_json::json!({"error": m, "transport": self.state.transport}),
+                None => serde_json::json!({"transport": self.state.transport}),
+            },
+        );
+        e.args_hash = Some(meshgate_core::auth::arguments_hash(args));
+        e.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+        self.auth.audit.record(e).await;
+    }
+
+    fn status_report(&self, p: &Principal) -> serde_json::Value {
         let upstreams: Vec<serde_json::Value> = self
             .gw
             .upstreams
             .iter()
+            .filter(|u| self.visible(u.index, p))
             .map(|u| {
                 let (status, since) = u.status();
                 let listing = u.listing();
@@ -421,11 +643,19 @@ impl GatewayHandler {
                 })
             })
             .collect();
+        let tools_exposed = {
+            let snap = self.gw.snapshot();
+            snap.tools
+                .iter()
+                .zip(&snap.owners.tools)
+                .filter(|(t, i)| self.tool_usable(**i, &t.name, p))
+                .count()
+        };
         serde_json::json!({
             "gateway": "meshgate",
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_secs": self.gw.started.elapsed().as_secs(),
-            "tools_exposed": self.gw.snapshot().tools.len(),
+            "tools_exposed": tools_exposed,
             "upstreams": upstreams,
         })
     }
@@ -495,6 +725,7 @@ impl ServerHandler for GatewayHandler {
         request: InitializeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<InitializeResult, McpError> {
+        self.caller(&context, scope::MCP_READ, "initialize")?;
         context.peer.set_peer_info(request.clone());
         let _ = self.state.client.set(request.clone());
         if self.state.peer.set(context.peer.clone()).is_ok() {
@@ -515,15 +746,24 @@ impl ServerHandler for GatewayHandler {
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _ctx: RequestContext<RoleServer>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
         let started = Instant::now();
+        let p = self.caller(&ctx, scope::MCP_READ, "tools/list")?;
         let snap = self.gw.snapshot();
         let mut tools = Vec::with_capacity(snap.tools.len() + 1);
-        if snap.tool_routes.resolve(STATUS_TOOL).is_none() {
+        if snap.tool_routes.resolve(STATUS_TOOL).is_none()
+            && self.auth.policy.check(&p, STATUS_TOOL).is_ok()
+        {
             tools.push(status_tool());
         }
-        tools.extend(snap.tools.iter().cloned());
+        tools.extend(
+            snap.tools
+                .iter()
+                .zip(&snap.owners.tools)
+                .filter(|(t, i)| self.tool_usable(**i, &t.name, &p))
+                .map(|(t, _)| t.clone()),
+        );
         let r = Ok(ListToolsResult::with_all_items(tools));
         record("tools/list", None, started, "ok");
         r
@@ -531,70 +771,52 @@ impl ServerHandler for GatewayHandler {
 
     async fn call_tool(
         &self,
-        mut request: CallToolRequestParams,
+        request: CallToolRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let started = Instant::now();
         let exposed = request.name.to_string();
-        let snap = self.gw.snapshot();
-        let Some(route) = snap.tool_routes.resolve(&exposed).cloned() else {
-            if exposed == STATUS_TOOL {
-                record("tools/call", Some(STATUS_TOOL), started, "ok");
-                return Ok(CallToolResponse::Complete(
-                    rmcp::model::CallToolResult::structured(self.status_report()),
-                ));
-            }
-            if let Some(e) = self.unlisted_because_down(&exposed) {
-                record("tools/call", None, started, "error");
+        let args = request
+            .arguments
+            .as_ref()
+            .map(|a| serde_json::Value::Object(a.clone()))
+            .unwrap_or(serde_json::Value::Null);
+        let p = match self.caller(&ctx, scope::MCP_CALL, "tools/call") {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(p) = request_principal(&ctx).or_else(|| self.bound.clone()) {
+                    self.audit_call(&p, &ctx, &exposed, &args, started, "denied", Some(&e.message))
+                        .await;
+                }
                 return Err(e);
             }
-            metrics::counter!("gateway_errors_total", "type" => "unknown_tool").increment(1);
-            record("tools/call", None, started, "unknown_tool");
-            return Err(err(
-                ErrorCode::INVALID_PARAMS,
-                format!(
-                    "unknown tool `{exposed}`: no upstream provides it; call tools/list for the available tools"
-                ),
-            ));
         };
-        drop(snap);
-        request.name = route.original.into();
-        let r = self
-            .forward(
-                route.upstream,
-                ClientRequest::CallToolRequest(CallToolRequest::new(request)),
-                &ctx,
-            )
+        let r = self.call_tool_as(&p, request, &ctx, started).await;
+        let (outcome, message) = match &r {
+            Ok(CallToolResponse::Complete(res)) if res.is_error == Some(true) => ("tool_error", None),
+            Ok(_) => ("ok", None),
+            Err(e) if e.code == FORBIDDEN => ("denied", Some(e.message.to_string())),
+            Err(e) => ("error", Some(e.message.to_string())),
+        };
+        self.audit_call(&p, &ctx, &exposed, &args, started, outcome, message.as_deref())
             .await;
-        let r = match r {
-            Ok(ServerResult::CallToolResult(res)) => {
-                let o = if res.is_error == Some(true) {
-                    "tool_error"
-                } else {
-                    "ok"
-                };
-                record("tools/call", Some(&exposed), started, o);
-                return Ok(CallToolResponse::Complete(res));
-            }
-            Ok(ServerResult::InputRequiredResult(res)) => Ok(CallToolResponse::InputRequired(res)),
-            Ok(ServerResult::CreateTaskResult(res)) => Ok(CallToolResponse::Task(res)),
-            Ok(_) => Err(err(
-                ErrorCode::INTERNAL_ERROR,
-                "upstream answered tools/call with an unexpected result type".into(),
-            )),
-            Err(e) => Err(e),
-        };
-        record("tools/call", Some(&exposed), started, outcome(&r));
         r
     }
 
     async fn list_prompts(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _ctx: RequestContext<RoleServer>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, McpError> {
+        let p = self.caller(&ctx, scope::MCP_READ, "prompts/list")?;
+        let snap = self.gw.snapshot();
         Ok(ListPromptsResult::with_all_items(
-            self.gw.snapshot().prompts.clone(),
+            snap.prompts
+                .iter()
+                .zip(&snap.owners.prompts)
+                .filter(|(_, i)| self.visible(**i, &p))
+                .map(|(x, _)| x.clone())
+                .collect(),
         ))
     }
 
@@ -604,11 +826,13 @@ impl ServerHandler for GatewayHandler {
         ctx: RequestContext<RoleServer>,
     ) -> Result<GetPromptResponse, McpError> {
         let started = Instant::now();
+        let p = self.caller(&ctx, scope::MCP_READ, "prompts/get")?;
         let route = self
             .gw
             .snapshot()
             .prompt_routes
             .resolve(&request.name)
+            .filter(|r| self.visible(r.upstream, &p))
             .cloned()
             .ok_or_else(|| {
                 err(
@@ -643,20 +867,34 @@ impl ServerHandler for GatewayHandler {
     async fn list_resources(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _ctx: RequestContext<RoleServer>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, McpError> {
+        let p = self.caller(&ctx, scope::MCP_READ, "resources/list")?;
+        let snap = self.gw.snapshot();
         Ok(ListResourcesResult::with_all_items(
-            self.gw.snapshot().resources.clone(),
+            snap.resources
+                .iter()
+                .zip(&snap.owners.resources)
+                .filter(|(_, i)| self.visible(**i, &p))
+                .map(|(x, _)| x.clone())
+                .collect(),
         ))
     }
 
     async fn list_resource_templates(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _ctx: RequestContext<RoleServer>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, McpError> {
+        let p = self.caller(&ctx, scope::MCP_READ, "resources/templates/list")?;
+        let snap = self.gw.snapshot();
         Ok(ListResourceTemplatesResult::with_all_items(
-            self.gw.snapshot().templates.clone(),
+            snap.templates
+                .iter()
+                .zip(&snap.owners.templates)
+                .filter(|(_, i)| self.visible(**i, &p))
+                .map(|(x, _)| x.clone())
+                .collect(),
         ))
     }
 
@@ -666,7 +904,8 @@ impl ServerHandler for GatewayHandler {
         ctx: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, McpError> {
         let started = Instant::now();
-        let (idx, original) = self.route_uri(&request.uri)?;
+        let p = self.caller(&ctx, scope::MCP_READ, "resources/read")?;
+        let (idx, original) = self.route_visible_uri(&request.uri, &p)?;
         let name = self.upstream(idx)?.config.name.clone();
         request.uri = original;
         let r = match self
@@ -734,6 +973,7 @@ impl ServerHandler for GatewayHandler {
         mut request: CompleteRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CompleteResult, McpError> {
+        let caller = self.caller(&ctx, scope::MCP_READ, "completion/complete")?;
         let idx = match &mut request.r#ref {
             Reference::Prompt(p) => {
                 let route = self
@@ -741,6 +981,7 @@ impl ServerHandler for GatewayHandler {
                     .snapshot()
                     .prompt_routes
                     .resolve(&p.name)
+                    .filter(|r| self.visible(r.upstream, &caller))
                     .cloned()
                     .ok_or_else(|| {
                         err(
@@ -755,7 +996,7 @@ impl ServerHandler for GatewayHandler {
                 route.upstream
             }
             Reference::Resource(r) => {
-                let (idx, original) = self.route_uri(&r.uri)?;
+                let (idx, original) = self.route_visible_uri(&r.uri, &caller)?;
                 r.uri = original;
                 idx
             }
@@ -785,8 +1026,9 @@ impl ServerHandler for GatewayHandler {
     async fn set_level(
         &self,
         request: SetLevelRequestParams,
-        _ctx: RequestContext<RoleServer>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
+        self.caller(&ctx, scope::MCP_READ, "logging/setLevel")?;
         if let Ok(mut l) = self.state.log_level.lock() {
             *l = Some(request.level);
         }

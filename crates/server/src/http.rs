@@ -21,6 +21,7 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use serde_json::{Value, json};
 use tracing::Instrument;
 
+use crate::auth::{Auth, RequestPrincipal, TraceId};
 use crate::gateway::Gateway;
 use crate::handler::GatewayHandler;
 use crate::legacy::{self, LegacySessions};
@@ -36,6 +37,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Open legacy SSE sessions.
     pub legacy: Arc<LegacySessions>,
+    /// Authentication, authorization and audit.
+    pub auth: Arc<Auth>,
 }
 
 /// A JSON-RPC error response with the HTTP status that goes with it.
@@ -94,7 +97,11 @@ fn check_protocol_header(req: &Request) -> Result<(), Response> {
     Ok(())
 }
 
-async fn mcp_precheck(State(limit): State<usize>, req: Request, next: Next) -> Response {
+async fn mcp_precheck(
+    State((limit, auth)): State<(usize, Arc<Auth>)>,
+    req: Request,
+    next: Next,
+) -> Response {
     if let Err(r) = check_protocol_header(&req) {
         return r;
     }
@@ -103,6 +110,29 @@ async fn mcp_precheck(State(limit): State<usize>, req: Request, next: Next) -> R
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let principal = req.extensions().get::<RequestPrincipal>().map(|p| p.0.clone());
+    let Some(principal) = principal else {
+        return jsonrpc_error(
+            StatusCode::UNAUTHORIZED,
+            None,
+            -32600,
+            "internal: the request reached /mcp without an authenticated principal".into(),
+        );
+    };
+    // A session belongs to whoever opened it: anyone else gets the same 404
+    // as for a session that does not exist.
+    if let Some(id) = &session
+        && auth.enabled()
+        && !auth.session_owned_by(id, &principal).await
+    {
+        metrics::counter!("gateway_errors_total", "type" => "session_not_owned").increment(1);
+        return explain_transport_error(
+            (StatusCode::NOT_FOUND, "Session not found").into_response(),
+            Some(id),
+        )
+        .await;
+    }
+    let deleting = req.method() == Method::DELETE;
     let resp = if req.method() != Method::POST {
         next.run(req).await
     } else {
@@ -115,6 +145,18 @@ async fn mcp_precheck(State(limit): State<usize>, req: Request, next: Next) -> R
             Err(r) => return r,
         }
     };
+    if session.is_none()
+        && resp.status().is_success()
+        && let Some(id) = resp.headers().get("mcp-session-id").and_then(|v| v.to_str().ok())
+    {
+        auth.remember_session_owner(id, &principal).await;
+    }
+    if deleting
+        && resp.status().is_success()
+        && let Some(id) = &session
+    {
+        auth.forget_session(id);
+    }
     explain_transport_error(resp, session.as_deref()).await
 }
 
@@ -165,12 +207,17 @@ async fn trace_id(req: Request, next: Next) -> Response {
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let span = tracing::info_span!("http", trace_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut req = req;
+    req.extensions_mut().insert(TraceId(id.clone()));
     let mut resp = next.run(req).instrument(span).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-trace-id", v);
     }
     resp
 }
+
+/// What `/health` and the start-up log say when authentication is off.
+pub const AUTH_DISABLED_WARNING: &str = "authentication is DISABLED (auth.enabled = false): anyone who can reach this gateway can call every tool; use this only for local development";
 
 /// Builds the application router.
 pub fn router(state: AppState) -> Router {
@@ -190,15 +237,26 @@ pub fn router(state: AppState) -> Router {
     };
     mcp_config.session_store = Some(Arc::new(StoreSessions::new(gw.store.clone())));
     let factory_gw = gw.clone();
+    let factory_auth = state.auth.clone();
     let mcp = StreamableHttpService::new(
-        move || Ok(GatewayHandler::new(factory_gw.clone(), "streamable_http")),
+        move || {
+            Ok(GatewayHandler::new(
+                factory_gw.clone(),
+                factory_auth.clone(),
+                "streamable_http",
+            ))
+        },
         Arc::new(LocalSessionManager::default()),
         mcp_config,
     );
     let limit = cfg.max_request_body_bytes;
     let mcp_routes = Router::new()
         .route_service("/mcp", mcp)
-        .layer(middleware::from_fn_with_state(limit, mcp_precheck));
+        .layer(middleware::from_fn_with_state(
+            (limit, state.auth.clone()),
+            mcp_precheck,
+        ));
+    let auth = state.auth.clone();
     Router::new()
         .route("/health", get(health))
         .route("/health/store", get(health_store))
@@ -211,6 +269,12 @@ pub fn router(state: AppState) -> Router {
         .route("/messages", post(legacy::post_message))
         .with_state(state)
         .merge(mcp_routes)
+        .merge(crate::auth::api::routes().with_state(auth.clone()))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            auth,
+            crate::auth::middleware::authenticate,
+        ))
         .layer(middleware::from_fn(trace_id))
 }
 
@@ -274,12 +338,16 @@ async fn health(State(s): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
+    let mut body = json!({
         "status": status,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": s.gw.started.elapsed().as_secs(),
+        "auth": if s.auth.enabled() { "enabled" } else { "disabled" },
         "components": {"store": store, "upstreams": upstreams},
     });
+    if !s.auth.enabled() {
+        body["warning"] = json!(AUTH_DISABLED_WARNING);
+    }
     (code, Json(body)).into_response()
 }
 
@@ -340,6 +408,14 @@ async fn health_upstream(State(s): State<AppState>, Path(name): Path<String>) ->
                 .into_response()
         }
     }
+}
+
+async fn not_found(req: Request) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": {"reason": "not_found", "message": format!("no route {} {}; see docs/protocol.md and docs/operations.md for the endpoints", req.method(), req.uri().path())}})),
+    )
+        .into_response()
 }
 
 async fn health_unknown(Path(component): Path<String>) -> Response {

@@ -26,6 +26,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, PollSender};
 
+use crate::auth::{RequestPrincipal, TraceId};
 use crate::handler::GatewayHandler;
 use crate::http::{AppState, jsonrpc_error, read_checked_body};
 
@@ -104,17 +105,29 @@ fn host_allowed(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(),
 /// `GET /sse`: opens a session and its event stream.
 pub async fn open_stream(
     State(state): State<AppState>,
+    principal: Option<axum::Extension<RequestPrincipal>>,
     headers: axum::http::HeaderMap,
 ) -> Response {
     if let Err(r) = host_allowed(&state, &headers) {
         return r;
     }
+    let Some(axum::Extension(RequestPrincipal(principal))) = principal else {
+        return jsonrpc_error(
+            StatusCode::UNAUTHORIZED,
+            None,
+            -32600,
+            "internal: GET /sse reached without an authenticated principal".into(),
+        );
+    };
     let id = uuid::Uuid::new_v4().simple().to_string();
+    state.auth.remember_session_owner(&id, &principal).await;
     let (in_tx, in_rx) = mpsc::channel::<ClientJsonRpcMessage>(QUEUE);
     let (out_tx, out_rx) = mpsc::channel(QUEUE);
     let ct = state.gw.shutdown.child_token();
     state.legacy.insert(&id, in_tx);
-    let handler = GatewayHandler::new(state.gw.clone(), "sse");
+    let handler = GatewayHandler::new(state.gw.clone(), state.auth.clone(), "sse")
+        .with_principal(principal.clone());
+    let auth = state.auth.clone();
     let gw = state.gw.clone();
     let sessions = state.legacy.clone();
     let session_id = id.clone();
@@ -141,6 +154,7 @@ pub async fn open_stream(
                 }
                 let _ = running.waiting().await;
                 let _ = gw.store.delete_session(&session_id).await;
+                auth.forget_session(&session_id);
             }
             Err(e) => {
                 tracing::info!(session = %session_id, error = %e, "legacy SSE session ended before initialize")
@@ -188,6 +202,8 @@ pub struct MessageQuery {
 pub async fn post_message(
     State(state): State<AppState>,
     Query(q): Query<MessageQuery>,
+    principal: Option<axum::Extension<RequestPrincipal>>,
+    trace: Option<axum::Extension<TraceId>>,
     headers: axum::http::HeaderMap,
     body: Body,
 ) -> Response {
@@ -206,7 +222,25 @@ pub async fn post_message(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let message: ClientJsonRpcMessage = match serde_json::from_slice(&bytes) {
+    let Some(axum::Extension(RequestPrincipal(principal))) = principal else {
+        return jsonrpc_error(
+            StatusCode::UNAUTHORIZED,
+            None,
+            -32600,
+            "internal: POST /messages reached without an authenticated principal".into(),
+        );
+    };
+    // Only the principal that opened the stream may post to it; anyone else
+    // is told what they would be told of a session that does not exist.
+    if state.auth.enabled() && !state.auth.session_owned_by(&id, &principal).await {
+        return jsonrpc_error(
+            StatusCode::NOT_FOUND,
+            None,
+            -32600,
+            format!("unknown or closed session `{id}`; open a new one with GET /sse"),
+        );
+    }
+    let mut message: ClientJsonRpcMessage = match serde_json::from_slice(&bytes) {
         Ok(m) => m,
         Err(e) => {
             let id = serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -220,6 +254,14 @@ pub async fn post_message(
             );
         }
     };
+    if let ClientJsonRpcMessage::Request(req) = &mut message {
+        use rmcp::model::GetExtensions;
+        let ext = req.request.extensions_mut();
+        ext.insert(RequestPrincipal(principal));
+        if let Some(axum::Extension(t)) = trace {
+            ext.insert(t);
+        }
+    }
     let Some(tx) = state.legacy.get(&id) else {
         return jsonrpc_error(
             StatusCode::NOT_FOUND,

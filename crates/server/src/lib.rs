@@ -6,6 +6,7 @@
 //! transports; domain rules live in `meshgate-core`, persistence behind
 //! `meshgate-store`.
 
+pub mod auth;
 pub mod gateway;
 pub mod handler;
 pub mod upstream;

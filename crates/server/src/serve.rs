@@ -11,6 +11,7 @@ use meshgate_store::{SqliteStore, Store, UpstreamRecord, now_ms};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Auth, bootstrap_admin_key};
 use crate::gateway::Gateway;
 use crate::http::{AppState, router};
 use crate::legacy::LegacySessions;
@@ -72,11 +73,24 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let store = open_store(&config).await?;
     let shutdown = CancellationToken::new();
+    let auth = Auth::start(&config, store.clone(), shutdown.clone()).await?;
+    if auth.enabled() {
+        if let Some(key) = bootstrap_admin_key(store.as_ref(), &config.data_dir).await? {
+            // Printed once, on purpose: this is how the operator gets in.
+            eprintln!(
+                "\nmeshgate: created the first admin key (shown once; also saved to {}):\n\n    {key}\n\nUse it as `Authorization: Bearer <key>`, or create narrower keys with `meshgate keys create`.\n",
+                config.data_dir.join("admin.key").display()
+            );
+        }
+    } else {
+        tracing::warn!("{}", crate::http::AUTH_DISABLED_WARNING);
+    }
     let gw = Gateway::start(config, store, shutdown.clone())?;
     let app = router(AppState {
         gw: gw.clone(),
         metrics,
         legacy: Arc::new(LegacySessions::default()),
+        auth,
     });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -101,7 +115,7 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
         listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         }),
-        app,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(async move { drain.cancelled().await });
     let served = tokio::spawn(async move { server.await });

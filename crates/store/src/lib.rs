@@ -56,6 +56,12 @@ pub enum StoreError {
         /// Parser error.
         source: serde_json::Error,
     },
+    /// A unique value (key or token hash, id) already exists.
+    #[error("{what} already exists")]
+    Duplicate {
+        /// What kind of record.
+        what: &'static str,
+    },
     /// Any other database error.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
@@ -100,6 +106,116 @@ pub struct SessionRecord {
     pub last_seen_at: i64,
 }
 
+/// A stored API key: everything but the key itself, which is only ever shown
+/// once, at creation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    /// Public id, `key_` + 16 hex characters.
+    pub id: String,
+    /// SHA-256 of the key, hex (unique).
+    pub hash: String,
+    /// `mg_` and the first characters of the key, to recognise it in listings.
+    pub prefix: String,
+    /// Human name.
+    pub name: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Role (`admin`, `operator`, `developer`, `agent`, `viewer`).
+    pub role: String,
+    /// Scopes, sorted.
+    pub scopes: Vec<String>,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Who created it (a key id, or `cli`/`bootstrap`).
+    pub created_by: String,
+    /// Unix ms after which it is refused; `None`: never expires.
+    pub expires_at: Option<i64>,
+    /// Unix ms it was revoked at.
+    pub revoked_at: Option<i64>,
+    /// Requests per minute allowed for this key (`None`: the tenant's default).
+    pub rate_limit_per_minute: Option<u32>,
+    /// Unix ms it was last used (updated at most about once a minute).
+    pub last_used_at: Option<i64>,
+}
+
+/// A stored refresh token (hash only). Tokens of one login form a family:
+/// each refresh uses one up and issues the next; reusing a used one revokes
+/// the whole family.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefreshTokenRecord {
+    /// Token id.
+    pub id: String,
+    /// SHA-256 of the token, hex (unique).
+    pub hash: String,
+    /// Family id, shared by every token rotated from one exchange.
+    pub family: String,
+    /// The API key the family was issued from.
+    pub key_id: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms.
+    pub expires_at: i64,
+    /// Unix ms it was exchanged for a new pair.
+    pub used_at: Option<i64>,
+    /// Unix ms it (and its family) was revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Sequence number, assigned by the store (0 before insertion).
+    pub id: i64,
+    /// Unix ms.
+    pub at: i64,
+    /// Tenant the action happened in.
+    pub tenant: String,
+    /// Who: key id or token subject.
+    pub actor: String,
+    /// How the actor authenticated (`api_key`, `access_token`, `oauth`, `cli`, `anonymous`, `system`).
+    pub actor_kind: String,
+    /// What: `tool.call`, `key.create`, `key.update`, `key.revoke`, `token.issue`,
+    /// `token.refresh`, `token.reuse`, `token.logout`, `auth.lockout`, ...
+    pub action: String,
+    /// On what: a tool name, key id, ...
+    pub target: String,
+    /// SHA-256 of the canonical arguments (tool calls).
+    pub args_hash: Option<String>,
+    /// `ok`, `error`, `denied`, `tool_error`.
+    pub outcome: String,
+    /// How long it took, in milliseconds.
+    pub latency_ms: Option<f64>,
+    /// The request's `X-Trace-ID`.
+    pub trace_id: Option<String>,
+    /// Anything else worth keeping (error message, changed fields), as JSON.
+    pub detail: serde_json::Value,
+}
+
+/// Filters and paging of an audit query. Entries come newest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditQuery {
+    /// Only this tenant (`None`: every tenant).
+    pub tenant: Option<String>,
+    /// Only this actor.
+    pub actor: Option<String>,
+    /// Only this action.
+    pub action: Option<String>,
+    /// Only this target.
+    pub target: Option<String>,
+    /// Only this outcome.
+    pub outcome: Option<String>,
+    /// Only entries at or after this unix ms.
+    pub since: Option<i64>,
+    /// Only entries before this unix ms.
+    pub until: Option<i64>,
+    /// Paging cursor: only entries with a smaller id.
+    pub before_id: Option<i64>,
+    /// At most this many entries.
+    pub limit: u32,
+}
+
 /// Everything the gateway persists. Implementations must be safe to share
 /// between tasks; every method is one short transaction.
 #[async_trait]
@@ -128,6 +244,56 @@ pub trait Store: Send + Sync + 'static {
     async fn count_sessions(&self) -> StoreResult<i64>;
     /// Deletes sessions not seen since `before` (unix ms); returns how many.
     async fn purge_sessions_before(&self, before: i64) -> StoreResult<u64>;
+
+    /// Stores a new API key.
+    async fn insert_api_key(&self, record: &ApiKeyRecord) -> StoreResult<()>;
+    /// Reads a key by id.
+    async fn get_api_key(&self, id: &str) -> StoreResult<Option<ApiKeyRecord>>;
+    /// Reads a key by the hash of its secret.
+    async fn find_api_key_by_hash(&self, hash: &str) -> StoreResult<Option<ApiKeyRecord>>;
+    /// Keys of `tenant` (every tenant when `None`), oldest first.
+    async fn list_api_keys(&self, tenant: Option<&str>) -> StoreResult<Vec<ApiKeyRecord>>;
+    /// Number of keys, revoked ones included.
+    async fn count_api_keys(&self) -> StoreResult<i64>;
+    /// Replaces a key's scopes; false if no such key.
+    async fn update_api_key_scopes(&self, id: &str, scopes: &[String]) -> StoreResult<bool>;
+    /// Sets `revoked_at` unless already revoked; false if no such live key.
+    async fn revoke_api_key(&self, id: &str, at: i64) -> StoreResult<bool>;
+    /// Sets `last_used_at`.
+    async fn touch_api_key(&self, id: &str, at: i64) -> StoreResult<()>;
+
+    /// Stores a new refresh token.
+    async fn insert_refresh_token(&self, record: &RefreshTokenRecord) -> StoreResult<()>;
+    /// Reads a refresh token by the hash of its secret.
+    async fn find_refresh_token_by_hash(
+        &self,
+        hash: &str,
+    ) -> StoreResult<Option<RefreshTokenRecord>>;
+    /// Marks a token used, atomically: true for the first caller only.
+    async fn mark_refresh_token_used(&self, id: &str, at: i64) -> StoreResult<bool>;
+    /// Revokes every token of a family; returns how many were live.
+    async fn revoke_refresh_family(&self, family: &str, at: i64) -> StoreResult<u64>;
+    /// Revokes every family issued from an API key; returns the families.
+    async fn revoke_refresh_families_of_key(
+        &self,
+        key_id: &str,
+        at: i64,
+    ) -> StoreResult<Vec<String>>;
+    /// Families with a revoked token that has not expired at `now`.
+    async fn revoked_families(&self, now: i64) -> StoreResult<Vec<String>>;
+
+    /// Appends entries in one transaction.
+    async fn append_audit(&self, records: &[AuditRecord]) -> StoreResult<()>;
+    /// Entries matching `query`, newest first.
+    async fn query_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>>;
+    /// Deletes entries older than `before` (unix ms) and beyond the newest
+    /// `keep_newest` (0 = no limit); returns how many.
+    async fn purge_audit(&self, before: i64, keep_newest: u64) -> StoreResult<u64>;
+
+    /// Records who opened a session (its tenant and subject).
+    async fn set_session_owner(&self, id: &str, tenant: &str, subject: &str) -> StoreResult<()>;
+    /// The tenant and subject that opened a session.
+    async fn session_owner(&self, id: &str) -> StoreResult<Option<(String, String)>>;
 }
 
 /// Current time in unix milliseconds.

@@ -16,11 +16,18 @@ pub(crate) struct Migration {
 }
 
 /// SQLite migrations, oldest first.
-pub(crate) const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../migrations/sqlite/0001_init.sql"),
-}];
+pub(crate) const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/sqlite/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "auth",
+        sql: include_str!("../migrations/sqlite/0002_auth.sql"),
+    },
+];
 
 /// Applies every migration newer than the database's version.
 pub(crate) async fn run_sqlite(pool: &SqlitePool) -> StoreResult<i64> {

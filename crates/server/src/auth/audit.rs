@@ -1,0 +1,150 @@
+//! The audit log writer: entries go over a bounded queue to one task that
+//! writes them in batches (one transaction per batch), so a tool call never
+//! waits on the database; a full queue makes the caller wait rather than lose
+//! an entry. A second task applies the retention policy hourly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshgate_core::Principal;
+use meshgate_core::config::AuditConfig;
+use meshgate_store::{AuditRecord, Store, now_ms};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Entries waiting to be written, at most.
+const QUEUE: usize = 8192;
+/// Entries written per transaction, at most.
+const BATCH: usize = 512;
+
+/// Handle to the audit writer.
+#[derive(Clone)]
+pub struct Audit {
+    tx: mpsc::Sender<AuditRecord>,
+}
+
+impl Audit {
+    /// Starts the writer and the retention task.
+    pub fn start(store: Arc<dyn Store>, retention: AuditConfig, shutdown: CancellationToken) -> Audit {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(write_loop(store.clone(), rx));
+        tokio::spawn(retention_loop(store, retention, shutdown));
+        Audit { tx }
+    }
+
+    /// Queues an entry; waits for room when the queue is full.
+    pub async fn record(&self, record: AuditRecord) {
+        match self.tx.try_send(record) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(r)) => {
+                metrics::counter!("audit_queue_full_total").increment(1);
+                let _ = self.tx.send(r).await;
+            }
+            Err(mpsc::error::TrySendError::Closed(r)) => {
+                tracing::error!(action = %r.action, target = %r.target, "audit writer is gone; entry logged here instead");
+            }
+        }
+    }
+
+    /// Queues an entry from synchronous code (lockout): never blocks; a full
+    /// queue hands the entry to a task that waits for room.
+    pub fn record_system(&self, tenant: &str, action: &str, target: &str, outcome: &str, detail: serde_json::Value) {
+        let record = AuditRecord {
+            id: 0,
+            at: now_ms(),
+            tenant: tenant.to_owned(),
+            actor: "meshgate".into(),
+            actor_kind: "system".into(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            args_hash: None,
+            outcome: outcome.to_owned(),
+            latency_ms: None,
+            trace_id: None,
+            detail,
+        };
+        if let Err(mpsc::error::TrySendError::Full(r)) = self.tx.try_send(record) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(r).await;
+            });
+        }
+    }
+}
+
+/// An entry for an action by `principal`.
+pub fn entry(
+    principal: &Principal,
+    action: &str,
+    target: &str,
+    outcome: &str,
+    trace_id: Option<&str>,
+    detail: serde_json::Value,
+) -> AuditRecord {
+    AuditRecord {
+        id: 0,
+        at: now_ms(),
+        tenant: principal.tenant.clone(),
+        actor: principal.subject.clone(),
+        actor_kind: principal.kind.as_str().to_owned(),
+        action: action.to_owned(),
+        target: target.to_owned(),
+        args_hash: None,
+        outcome: outcome.to_owned(),
+        latency_ms: None,
+        trace_id: trace_id.map(str::to_owned),
+        detail,
+    }
+}
+
+async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<AuditRecord>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        batch.clear();
+        if rx.recv_many(&mut batch, BATCH).await == 0 {
+            return;
+        }
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=5 {
+            match store.append_audit(&batch).await {
+                Ok(()) => {
+                    metrics::counter!("audit_entries_written_total").increment(batch.len() as u64);
+                    break;
+                }
+                Err(e) if attempt < 5 => {
+                    tracing::warn!(error = %e, attempt, entries = batch.len(), "audit write failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => {
+                    metrics::counter!("audit_write_failures_total").increment(batch.len() as u64);
+                    for r in &batch {
+                        tracing::error!(error = %e, tenant = %r.tenant, actor = %r.actor, action = %r.action, target = %r.target, outcome = %r.outcome, "audit entry could not be stored");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn retention_loop(store: Arc<dyn Store>, config: AuditConfig, shutdown: CancellationToken) {
+    if config.retention_days == 0 && config.max_entries == 0 {
+        return;
+    }
+    loop {
+        let before = if config.retention_days == 0 {
+            0
+        } else {
+            now_ms() - (config.retention_days as i64) * 86_400_000
+        };
+        match store.purge_audit(before, config.max_entries).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "audit retention applied"),
+            Err(e) => tracing::warn!(error = %e, "audit retention failed; retrying in an hour"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The authentication layer over the whole router, and the one table that
+//! says which scope each route needs ([`route_scope`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use meshgate_core::DEFAULT_TENANT;
+use meshgate_core::auth::{Principal, scope};
+use serde_json::json;
+
+use super::{Auth, AuthError};
+
+/// The authenticated caller, in the request extensions.
+#[derive(Clone, Debug)]
+pub struct RequestPrincipal(pub Arc<Principal>);
+
+/// The family of the gateway access token used, in the request extensions.
+#[derive(Clone, Debug)]
+pub struct TokenFamily(pub String);
+
+/// The request's trace id, in the request extensions.
+#[derive(Clone, Debug)]
+pub struct TraceId(pub String);
+
+/// Paths served without credentials.
+pub fn is_public(path: &str) -> bool {
+    matches!(path, "/health" | "/ready" | "/api/v1/auth/refresh")
+        || path.starts_with("/.well-known/")
+}
+
+/// The scope a route needs beyond being authenticated (`None`: any
+/// authenticated caller). MCP methods are checked per method by the handler.
+pub fn route_scope(method: &Method, path: &str) -> Option<&'static str> {
+    let write = !matches!(*method, Method::GET | Method::HEAD);
+    if path == "/mcp" || path.starts_with("/mcp/") || path == "/sse" || path == "/messages" {
+        return Some(scope::MCP_READ);
+    }
+    if path == "/metrics" || path.starts_with("/health/") {
+        return Some(scope::METRICS_READ);
+    }
+    if path == "/api/v1/auth/keys" || path.starts_with("/api/v1/auth/keys/") {
+        return Some(if write { scope::KEYS_WRITE } else { scope::KEYS_READ });
+    }
+    if path == "/api/v1/audit" {
+        return Some(scope::AUDIT_READ);
+    }
+    None
+}
+
+/// The client address lockout is counted against.
+fn client_of(req: &Request) -> String {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The credential presented, if any: `Authorization: Bearer` or `X-API-Key`.
+fn presented(headers: &HeaderMap) -> Result<Option<String>, AuthError> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let s = v
+            .to_str()
+            .map_err(|_| AuthError::Malformed("the Authorization header is not text".into()))?;
+        let (scheme, rest) = s.split_once(' ').unwrap_or((s, ""));
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::Malformed(format!(
+                "Authorization scheme `{scheme}` is not supported; use `Bearer <API key or token>`"
+            )));
+        }
+        let token = rest.trim();
+        if token.is_empty() {
+            return Err(AuthError::Malformed("`Authorization: Bearer` has no token".into()));
+        }
+        return Ok(Some(token.to_owned()));
+    }
+    if let Some(v) = headers.get("x-api-key") {
+        let s = v
+            .to_str()
+            .map_err(|_| AuthError::Malformed("the X-API-Key header is not text".into()))?;
+        return Ok(Some(s.trim().to_owned()));
+    }
+    Ok(None)
+}
+
+/// The base URL clients used to reach us, for `resource_metadata`.
+fn base_url(auth: &Auth, headers: &HeaderMap) -> String {
+    if let Some(r) = &auth.resource
+        && let Some(scheme_end) = r.find("://")
+    {
+        let after = &r[scheme_end + 3..];
+        let host_end = after.find('/').map_or(r.len(), |i| scheme_end + 3 + i);
+        return r[..host_end].to_owned();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)))
+        .unwrap_or("localhost");
+    format!("http://{host}")
+}
+
+/// The HTTP answer to an authentication or authorization failure.
+pub fn auth_error_response(auth: &Auth, headers: &HeaderMap, e: &AuthError) -> Response {
+    let status = match e {
+        AuthError::LockedOut { .. } => StatusCode::TOO_MANY_REQUESTS,
+        AuthError::MissingScope { .. } => StatusCode::FORBIDDEN,
+        AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    let mut resp = (
+        status,
+        Json(json!({"error": {"reason": e.reason(), "message": e.to_string()}})),
+    )
+        .into_response();
+    let h = resp.headers_mut();
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        let mut challenge = format!(
+            "Bearer realm=\"meshgate\", resource_metadata=\"{}/.well-known/oauth-protected-resource\"",
+            base_url(auth, headers)
+        );
+        match e {
+            AuthError::Missing => {}
+            AuthError::MissingScope { scope, .. } => {
+                challenge.push_str(&format!(", error=\"insufficient_scope\", scope=\"{scope}\""))
+            }
+            _ => challenge.push_str(&format!(
+                ", error=\"invalid_token\", error_description=\"{}\"",
+                e.to_string().replace(['"', '\\'], "'")
+            )),
+        }
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            h.insert(header::WWW_AUTHENTICATE, v);
+        }
+    }
+    if let AuthError::LockedOut { retry_after_secs, .. } = e
+        && let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string())
+    {
+        h.insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+/// Authenticates every request but the public ones, checks the route's
+/// scope, and puts the [`RequestPrincipal`] into the request extensions.
+pub async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_owned();
+    if is_public(&path) {
+        return next.run(req).await;
+    }
+    if !auth.enabled() {
+        req.extensions_mut()
+            .insert(RequestPrincipal(Arc::new(Principal::anonymous(DEFAULT_TENANT))));
+        return next.run(req).await;
+    }
+    let client = client_of(&req);
+    if let Err(e) = auth.check_lockout(&client) {
+        metrics::counter!("auth_failures_total", "reason" => e.reason()).increment(1);
+        return auth_error_response(&auth, req.headers(), &e);
+    }
+    let result = match presented(req.headers()) {
+        Ok(Some(token)) => auth.authenticate_bearer(&token).await,
+        Ok(None) => Err(AuthError::Missing),
+        Err(e) => Err(e),
+    };
+    let (principal, family) = match result {
+        Ok(p) => p,
+        Err(e) => {
+            auth.record_failure(&client, &e);
+            tracing::info!(client, reason = e.reason(), path, "authentication failed");
+            return auth_error_response(&auth, req.headers(), &e);
+        }
+    };
+    auth.record_success(&client);
+    if let Some(needed) = route_scope(req.method(), &path)
+        && !principal.has_scope(needed)
+    {
+        let e = AuthError::MissingScope {
+            route: format!("route {} {path}", req.method()),
+            scope: needed.into(),
+            role: principal.role.to_string(),
+        };
+        metrics::counter!("auth_failures_total", "reason" => e.reason()).increment(1);
+        return auth_error_response(&auth, req.headers(), &e);
+    }
+    if let Some(f) = family {
+        req.extensions_mut().insert(TokenFamily(f));
+    }
+    req.extensions_mut().insert(RequestPrincipal(Arc::new(principal)));
+    next.run(req).await
+}

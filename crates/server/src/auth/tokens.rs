@@ -1,0 +1,361 @@
+//! Gateway-issued tokens: short-lived JWT access tokens (HS256, secret in the
+//! data directory) and opaque rotating refresh tokens (stored hashed, grouped
+//! in families; reusing a used one revokes the family).
+
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use meshgate_core::AuthConfig;
+use meshgate_core::auth::{Principal, hash_secret};
+use meshgate_store::{ApiKeyRecord, RefreshTokenRecord, Store, now_ms};
+use serde::{Deserialize, Serialize};
+
+use super::{AuthError, new_id, random_bytes, rfc3339, write_secret_file};
+
+/// `iss` and `aud` of gateway access tokens.
+pub const ISSUER: &str = "meshgate";
+/// Prefix of refresh tokens.
+pub const REFRESH_PREFIX: &str = "mgr_";
+
+/// Claims of a gateway access token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccessClaims {
+    /// Issuer, always [`ISSUER`].
+    pub iss: String,
+    /// Audience, always [`ISSUER`].
+    pub aud: String,
+    /// The API key id it was issued for.
+    pub sub: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Role.
+    pub role: String,
+    /// Space-separated scopes.
+    pub scope: String,
+    /// Issued at (unix s).
+    pub iat: u64,
+    /// Not before (unix s).
+    pub nbf: u64,
+    /// Expiry (unix s).
+    pub exp: u64,
+    /// Token id.
+    pub jti: String,
+    /// Refresh-token family.
+    pub fam: String,
+}
+
+/// What `/api/v1/auth/token` and `/api/v1/auth/refresh` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenPair {
+    /// The JWT.
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: &'static str,
+    /// Seconds the access token lives.
+    pub expires_in: u64,
+    /// The refresh token (use once).
+    pub refresh_token: String,
+    /// Seconds the refresh token lives.
+    pub refresh_expires_in: u64,
+    /// Space-separated scopes.
+    pub scope: String,
+}
+
+/// Signs and verifies gateway access tokens.
+pub struct TokenIssuer {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    access_ttl: u64,
+    refresh_ttl: u64,
+    leeway: u64,
+}
+
+impl TokenIssuer {
+    /// Reads the signing secret from `token.key` in the data directory,
+    /// creating it (32 random bytes, mode 0600) on first start.
+    pub fn load_or_create(data_dir: &Path, config: &AuthConfig) -> anyhow::Result<TokenIssuer> {
+        let path = data_dir.join("token.key");
+        let secret = match std::fs::read_to_string(&path) {
+            Ok(text) => URL_SAFE_NO_PAD.decode(text.trim()).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not base64url ({e}); delete it to make a new one (every issued access token then becomes invalid)",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let bytes = random_bytes().map_err(|e| anyhow::anyhow!(e))?;
+                write_secret_file(&path, &URL_SAFE_NO_PAD.encode(bytes))?;
+                bytes.to_vec()
+            }
+            Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+        };
+        if secret.len() < 32 {
+            anyhow::bail!(
+                "{} holds {} bytes; the token secret needs at least 32; delete it to make a new one",
+                path.display(),
+                secret.len()
+            );
+        }
+        Ok(TokenIssuer {
+            encoding: EncodingKey::from_secret(&secret),
+            decoding: DecodingKey::from_secret(&secret),
+            access_ttl: config.access_token_ttl_secs,
+            refresh_ttl: config.refresh_token_ttl_secs,
+            leeway: config.clock_skew_secs,
+        })
+    }
+
+    /// Signs an access token for `key` in token family `family`.
+    pub fn sign(&self, key: &ApiKeyRecord, family: &str) -> Result<(String, u64), AuthError> {
+        let now = (now_ms() / 1000) as u64;
+        let claims = AccessClaims {
+            iss: ISSUER.into(),
+            aud: ISSUER.into(),
+            sub: key.id.clone(),
+            tenant: key.tenant.clone(),
+            role: key.role.clone(),
+            scope: key.scopes.join(" "),
+            iat: now,
+            nbf: now,
+            exp: now + self.access_ttl,
+            jti: new_id("at_").map_err(AuthError::Unavailable)?,
+            fam: family.to_owned(),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| AuthError::Unavailable(format!("could not sign a token: {e}")))?;
+        Ok((token, self.access_ttl))
+    }
+
+    /// Verifies a gateway access token: HS256 only, issuer, audience, expiry
+    /// (with the configured clock skew).
+    pub fn verify(&self, token: &str) -> Result<AccessClaims, AuthError> {
+        let mut v = Validation::new(Algorithm::HS256);
+        v.leeway = self.leeway;
+        v.set_issuer(&[ISSUER]);
+        v.set_audience(&[ISSUER]);
+        v.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        v.validate_nbf = true;
+        check_header_alg(token, &[Algorithm::HS256])?;
+        jsonwebtoken::decode::<AccessClaims>(token, &self.decoding, &v)
+            .map(|d| d.claims)
+            .map_err(|e| explain_jwt_error(&e, token))
+    }
+
+    /// Exchanges a live API key for a new token pair in a new family.
+    pub async fn issue(&self, store: &dyn Store, key: &ApiKeyRecord) -> Result<TokenPair, AuthError> {
+        let family = new_id("fam_").map_err(AuthError::Unavailable)?;
+        self.pair(store, key, &family).await
+    }
+
+    /// A new access token and refresh token in `family`.
+    pub async fn pair(&self, store: &dyn Store, key: &ApiKeyRecord, family: &str) -> Result<TokenPair, AuthError> {
+        let (access_token, expires_in) = self.sign(key, family)?;
+        let refresh = format!(
+            "{REFRESH_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(random_bytes().map_err(AuthError::Unavailable)?)
+        );
+        let now = now_ms();
+        store
+            .insert_refresh_token(&RefreshTokenRecord {
+                id: new_id("rt_").map_err(AuthError::Unavailable)?,
+                hash: hash_secret(&refresh),
+                family: family.to_owned(),
+                key_id: key.id.clone(),
+                tenant: key.tenant.clone(),
+                created_at: now,
+                expires_at: now + (self.refresh_ttl * 1000) as i64,
+                used_at: None,
+                revoked_at: None,
+            })
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        Ok(TokenPair {
+            access_token,
+            token_type: "Bearer",
+            expires_in,
+            refresh_token: refresh,
+            refresh_expires_in: self.refresh_ttl,
+            scope: key.scopes.join(" "),
+        })
+    }
+}
+
+/// What happened to a presented refresh token.
+pub enum RefreshOutcome {
+    /// Rotated: the new pair, and the key it belongs to.
+    Rotated(TokenPair, Box<ApiKeyRecord>),
+    /// It had been used before: the family is now revoked.
+    Reused {
+        /// The revoked family.
+        family: String,
+        /// Its tenant.
+        tenant: String,
+        /// Its key.
+        key_id: String,
+    },
+}
+
+/// Rotates a refresh token: the presented one is used up (atomically) and a
+/// new pair in the same family is issued. A token presented a second time
+/// revokes its whole family, since someone else has it too.
+pub async fn rotate(
+    issuer: &TokenIssuer,
+    auth: &super::Auth,
+    presented: &str,
+) -> Result<RefreshOutcome, AuthError> {
+    if !presented.starts_with(REFRESH_PREFIX) || presented.len() != REFRESH_PREFIX.len() + 43 {
+        return Err(AuthError::Malformed(
+            "refresh_token must be the `mgr_…` value returned by /api/v1/auth/token or /api/v1/auth/refresh".into(),
+        ));
+    }
+    let store = auth.store.as_ref();
+    let unavailable = |e: meshgate_store::StoreError| AuthError::Unavailable(e.to_string());
+    let record = store
+        .find_refresh_token_by_hash(&hash_secret(presented))
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| AuthError::InvalidToken("unknown refresh token: it was never issued by this gateway".into()))?;
+    let now = now_ms();
+    if let Some(at) = record.revoked_at {
+        return Err(AuthError::Revoked {
+            what: "this refresh token (logout, key revocation or reuse)".into(),
+            at: rfc3339(at),
+        });
+    }
+    if record.expires_at <= now {
+        return Err(AuthError::Expired {
+            what: "this refresh token".into(),
+            at: rfc3339(record.expires_at),
+        });
+    }
+    let first_use = record.used_at.is_none()
+        && store
+            .mark_refresh_token_used(&record.id, now)
+            .await
+            .map_err(unavailable)?;
+    if !first_use {
+        store
+            .revoke_refresh_family(&record.family, now)
+            .await
+            .map_err(unavailable)?;
+        auth.revoke_families([record.family.clone()]);
+        return Ok(RefreshOutcome::Reused {
+            family: record.family,
+            tenant: record.tenant,
+            key_id: record.key_id,
+        });
+    }
+    let key = auth.live_key_by_id(&record.key_id).await?;
+    let pair = issuer.pair(store, &key, &record.family).await?;
+    Ok(RefreshOutcome::Rotated(pair, Box::new(key)))
+}
+
+/// The `iss` claim of a JWT, read without verification, only to choose the
+/// key to verify it with. Refuses `alg: none` and malformed tokens with the
+/// precise reason.
+pub fn unverified_issuer(token: &str) -> Result<Option<String>, AuthError> {
+    let parts: Vec<&str> = token.split('.').collect();
+    if parts.len() != 3 {
+        return Err(AuthError::Malformed(format!(
+            "the bearer token is neither an API key (`mg_…`) nor a JWT (three base64url parts separated by dots; got {})",
+            parts.len()
+        )));
+    }
+    let header = decode_json_part(parts[0], "header")?;
+    match header.get("alg").and_then(|a| a.as_str()) {
+        None => return Err(AuthError::InvalidToken("the token header has no `alg`".into())),
+        Some(alg) if alg.eq_ignore_ascii_case("none") => {
+            return Err(AuthError::InvalidToken(
+                "unsigned token (`alg: none`) refused: tokens must be signed".into(),
+            ));
+        }
+        Some(_) => {}
+    }
+    let payload = decode_json_part(parts[1], "payload")?;
+    if parts[2].is_empty() {
+        return Err(AuthError::InvalidToken("the token has no signature".into()));
+    }
+    Ok(payload.get("iss").and_then(|i| i.as_str()).map(str::to_owned))
+}
+
+fn decode_json_part(part: &str, what: &str) -> Result<serde_json::Value, AuthError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part.trim_end_matches('='))
+        .map_err(|_| AuthError::Malformed(format!("the token {what} is not base64url")))?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|_| AuthError::Malformed(format!("the token {what} is not JSON")))?;
+    if v.is_object() {
+        Ok(v)
+    } else {
+        Err(AuthError::Malformed(format!("the token {what} is not a JSON object")))
+    }
+}
+
+/// Refuses a token whose header names an algorithm outside `allowed` (for
+/// example an HS256 token presented where only RS256 is trusted, the classic
+/// key-confusion attack).
+pub fn check_header_alg(token: &str, allowed: &[Algorithm]) -> Result<Algorithm, AuthError> {
+    let header = jsonwebtoken::decode_header(token).map_err(|e| explain_jwt_error(&e, token))?;
+    if allowed.contains(&header.alg) {
+        Ok(header.alg)
+    } else {
+        Err(AuthError::InvalidToken(format!(
+            "algorithm {:?} is not accepted here (accepted: {})",
+            header.alg,
+            allowed.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ")
+        )))
+    }
+}
+
+/// Turns a JWT library error into a reason a user can act on, without
+/// echoing the token.
+pub fn explain_jwt_error(e: &jsonwebtoken::errors::Error, token: &str) -> AuthError {
+    match e.kind() {
+        ErrorKind::ExpiredSignature => {
+            let exp = jsonwebtoken::dangerous::insecure_decode_claims::<serde_json::Value>(token)
+                .ok()
+                .and_then(|c| c.get("exp").and_then(|x| x.as_i64()));
+            AuthError::Expired {
+                what: "the access token".into(),
+                at: exp.map(|s| rfc3339(s * 1000)).unwrap_or_else(|| "an earlier time".into()),
+            }
+        }
+        ErrorKind::InvalidSignature => AuthError::InvalidToken(
+            "signature does not verify: the token was altered or signed with another key".into(),
+        ),
+        ErrorKind::InvalidAudience => {
+            let aud = jsonwebtoken::dangerous::insecure_decode_claims::<serde_json::Value>(token)
+                .ok()
+                .and_then(|c| c.get("aud").cloned())
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "none".into());
+            AuthError::InvalidToken(format!("audience {aud} is not accepted by this gateway"))
+        }
+        ErrorKind::InvalidIssuer => AuthError::InvalidToken("issuer is not trusted".into()),
+        ErrorKind::ImmatureSignature => AuthError::InvalidToken("token is not valid yet (nbf in the future); check the clocks".into()),
+        ErrorKind::MissingRequiredClaim(c) => AuthError::InvalidToken(format!("required claim `{c}` is missing")),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::MissingAlgorithm => {
+            AuthError::InvalidToken("the token's algorithm is not accepted here".into())
+        }
+        ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) | ErrorKind::InvalidToken => {
+            AuthError::Malformed("the token is not a well-formed JWT".into())
+        }
+        ErrorKind::InvalidClaimFormat(c) => AuthError::InvalidToken(format!("claim `{c}` has the wrong type")),
+        _ => AuthError::InvalidToken("the token could not be verified".into()),
+    }
+}
+
+/// The principal's family, for logout (only gateway tokens have one).
+pub fn describe(p: &Principal) -> serde_json::Value {
+    serde_json::json!({
+        "subject": p.subject,
+        "tenant": p.tenant,
+        "role": p.role,
+        "scopes": p.scopes,
+        "key_id": p.key_id,
+        "credential": p.kind.as_str(),
+    })
+}
