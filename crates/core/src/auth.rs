@@ -120,6 +120,7 @@ impl Role {
                 ADMIN,
                 TASKS_READ,
                 TASKS_WRITE,
+                AGENT_CONNECT,
             ],
             Role::Operator => &[
                 MCP_READ,
@@ -141,7 +142,8 @@ impl Role {
     /// Whether a credential of this role may hold `scope` at all. Only admins
     /// may hold `tenants:*`, and only when it is granted explicitly.
     pub fn may_hold(self, scope: &str) -> bool {
-        self.default_scopes().contains(&scope) || (self == Role::Admin && scope == scope::ALL_TENANTS)
+        self.default_scopes().contains(&scope)
+            || (self == Role::Admin && scope == scope::ALL_TENANTS)
     }
 }
 
@@ -156,7 +158,11 @@ impl fmt::Display for Role {
 /// sorted and free of duplicates.
 pub fn resolve_scopes(role: Role, requested: Option<&[String]>) -> Result<Vec<String>, String> {
     let Some(requested) = requested else {
-        let mut s: Vec<String> = role.default_scopes().iter().map(|s| (*s).to_owned()).collect();
+        let mut s: Vec<String> = role
+            .default_scopes()
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
         s.sort();
         return Ok(s);
     };
@@ -447,7 +453,9 @@ impl ToolPolicy {
                 let glob = globset::GlobBuilder::new(g)
                     .literal_separator(false)
                     .build()
-                    .map_err(|e| format!("auth.tool_rules[{i}].tools: `{g}` is not a valid glob: {e}"))?;
+                    .map_err(|e| {
+                        format!("auth.tool_rules[{i}].tools: `{g}` is not a valid glob: {e}")
+                    })?;
                 b.add(glob);
             }
             let globs = b
@@ -494,7 +502,10 @@ impl ToolPolicy {
         } else {
             Err(ToolDenied {
                 tool: tool.to_owned(),
-                rule: format!("matching none of the allow rules {}", allow_rules.join("; ")),
+                rule: format!(
+                    "matching none of the allow rules {}",
+                    allow_rules.join("; ")
+                ),
             })
         }
     }
@@ -612,10 +623,22 @@ mod tests {
         assert!(k.starts_with("mg_"));
         assert_eq!(k.len(), API_KEY_LEN);
         check_api_key_format(&k).unwrap();
-        assert!(check_api_key_format("mg_short").unwrap_err().contains("characters"));
-        assert!(check_api_key_format(&k.replace("mg_", "xx_")).unwrap_err().contains("mg_"));
+        assert!(
+            check_api_key_format("mg_short")
+                .unwrap_err()
+                .contains("characters")
+        );
+        assert!(
+            check_api_key_format(&k.replace("mg_", "xx_"))
+                .unwrap_err()
+                .contains("mg_")
+        );
         let bad = format!("mg_{}", "!".repeat(43));
-        assert!(check_api_key_format(&bad).unwrap_err().contains("base64url"));
+        assert!(
+            check_api_key_format(&bad)
+                .unwrap_err()
+                .contains("base64url")
+        );
         assert_eq!(display_prefix(&k).len(), 9);
     }
 
@@ -632,24 +655,36 @@ mod tests {
         let a = serde_json::json!({"b": 1, "a": {"y": [1, 2], "x": "s"}});
         let b = serde_json::json!({"a": {"x": "s", "y": [1, 2]}, "b": 1});
         assert_eq!(arguments_hash(&a), arguments_hash(&b));
-        assert_ne!(arguments_hash(&a), arguments_hash(&serde_json::json!({"b": 2})));
+        assert_ne!(
+            arguments_hash(&a),
+            arguments_hash(&serde_json::json!({"b": 2}))
+        );
     }
 
     #[test]
     fn roles_grant_their_scopes_and_nothing_else() {
         assert!(Role::Admin.may_hold(scope::KEYS_WRITE));
         assert!(Role::Admin.may_hold(scope::ALL_TENANTS));
-        assert!(!resolve_scopes(Role::Admin, None)
-            .unwrap()
-            .contains(&scope::ALL_TENANTS.to_string()));
+        assert!(
+            !resolve_scopes(Role::Admin, None)
+                .unwrap()
+                .contains(&scope::ALL_TENANTS.to_string())
+        );
         assert!(!Role::Viewer.may_hold(scope::MCP_CALL));
         assert!(!Role::Agent.may_hold(scope::MCP_READ));
         let err = resolve_scopes(Role::Developer, Some(&["keys:write".into()])).unwrap_err();
-        assert!(err.contains("developer") && err.contains("keys:write"), "{err}");
+        assert!(
+            err.contains("developer") && err.contains("keys:write"),
+            "{err}"
+        );
         let err = resolve_scopes(Role::Admin, Some(&["root".into()])).unwrap_err();
         assert!(err.contains("unknown scope `root`"), "{err}");
         assert_eq!(
-            resolve_scopes(Role::Developer, Some(&["mcp:read".into(), "mcp:read".into()])).unwrap(),
+            resolve_scopes(
+                Role::Developer,
+                Some(&["mcp:read".into(), "mcp:read".into()])
+            )
+            .unwrap(),
             ["mcp:read"]
         );
         for r in Role::ALL {
@@ -706,18 +741,30 @@ mod tests {
             },
         ])
         .unwrap();
-        policy.check(&principal(Role::Admin, "a", "key_1"), "echo").unwrap();
-        assert!(policy.check(&principal(Role::Admin, "b", "key_1"), "x").is_err());
-        assert!(policy.check(&principal(Role::Admin, "a", "key_9"), "echo").is_err());
-        assert!(ToolPolicy::new(&[ToolRuleConfig {
-            effect: RuleEffect::Deny,
-            tools: vec!["[".into()],
-            role: None,
-            tenant: None,
-            key: None,
-        }])
-        .unwrap_err()
-        .contains("auth.tool_rules[0]"));
+        policy
+            .check(&principal(Role::Admin, "a", "key_1"), "echo")
+            .unwrap();
+        assert!(
+            policy
+                .check(&principal(Role::Admin, "b", "key_1"), "x")
+                .is_err()
+        );
+        assert!(
+            policy
+                .check(&principal(Role::Admin, "a", "key_9"), "echo")
+                .is_err()
+        );
+        assert!(
+            ToolPolicy::new(&[ToolRuleConfig {
+                effect: RuleEffect::Deny,
+                tools: vec!["[".into()],
+                role: None,
+                tenant: None,
+                key: None,
+            }])
+            .unwrap_err()
+            .contains("auth.tool_rules[0]")
+        );
     }
 
     #[test]

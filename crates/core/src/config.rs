@@ -647,7 +647,11 @@ impl Config {
         for (i, iss) in a.oauth.issuers.iter().enumerate() {
             let k = |f: &str| format!("auth.oauth.issuers[{i}].{f}");
             if iss.issuer.trim().is_empty() {
-                errors.push(invalid(&k("issuer"), "", "must be the issuer URL tokens carry in `iss`"));
+                errors.push(invalid(
+                    &k("issuer"),
+                    "",
+                    "must be the issuer URL tokens carry in `iss`",
+                ));
             }
             match (&iss.jwks_url, &iss.jwks_file) {
                 (None, None) => errors.push(invalid(
@@ -661,7 +665,11 @@ impl Config {
                     "set only one of jwks_url and jwks_file",
                 )),
                 (Some(u), None) if !(u.starts_with("http://") || u.starts_with("https://")) => {
-                    errors.push(invalid(&k("jwks_url"), u, "must start with http:// or https://"))
+                    errors.push(invalid(
+                        &k("jwks_url"),
+                        u,
+                        "must start with http:// or https://",
+                    ))
                 }
                 _ => {}
             }

@@ -9,8 +9,8 @@ pub mod auth;
 pub mod catalog;
 pub mod config;
 
-pub use catalog::{Catalog, CatalogIssue, Namer, PrefixMode, Route};
 pub use auth::{CredentialKind, Principal, Role};
+pub use catalog::{Catalog, CatalogIssue, Namer, PrefixMode, Route};
 pub use config::{
     AuthConfig, Config, ConfigError, DEFAULT_TENANT, LogFormat, OAuthIssuerConfig, UpstreamConfig,
     UpstreamTransport,

@@ -242,9 +242,11 @@ fn parse_duration_secs(s: &str) -> anyhow::Result<u64> {
         Some((i, _)) => (&s[..i], &s[i..]),
         None => (s, "s"),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--expires-in {s:?}: expected a number with an optional unit s, m, h or d (e.g. 30d)"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--expires-in {s:?}: expected a number with an optional unit s, m, h or d (e.g. 30d)"
+        )
+    })?;
     let mult = match unit {
         "s" => 1,
         "m" => 60,
@@ -258,7 +260,12 @@ fn parse_duration_secs(s: &str) -> anyhow::Result<u64> {
     Ok(n.saturating_mul(mult))
 }
 
-fn cli_audit(tenant: &str, action: &str, target: &str, detail: serde_json::Value) -> meshgate_store::AuditRecord {
+fn cli_audit(
+    tenant: &str,
+    action: &str,
+    target: &str,
+    detail: serde_json::Value,
+) -> meshgate_store::AuditRecord {
     meshgate_store::AuditRecord {
         id: 0,
         at: meshgate_store::now_ms(),
@@ -290,10 +297,17 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Create(a) => {
             let role = meshgate_core::Role::parse(&a.role).ok_or_else(|| {
-                anyhow::anyhow!("--role {:?} is unknown; use one of {}", a.role, meshgate_core::auth::Role::ALLOWED)
+                anyhow::anyhow!(
+                    "--role {:?} is unknown; use one of {}",
+                    a.role,
+                    meshgate_core::auth::Role::ALLOWED
+                )
             })?;
             let expires_at = match &a.expires_in {
-                Some(e) => Some(meshgate_store::now_ms().saturating_add((parse_duration_secs(e)? * 1000) as i64)),
+                Some(e) => Some(
+                    meshgate_store::now_ms()
+                        .saturating_add((parse_duration_secs(e)? * 1000) as i64),
+                ),
                 None => None,
             };
             let (key, record) = create_key(
@@ -332,7 +346,10 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
                     record.tenant,
                     record.role,
                     record.scopes.join(" "),
-                    record.expires_at.map(|e| format!(", expires {}", rfc3339(e))).unwrap_or_default()
+                    record
+                        .expires_at
+                        .map(|e| format!(", expires {}", rfc3339(e)))
+                        .unwrap_or_default()
                 );
             }
         }
@@ -355,7 +372,10 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
                     .collect();
                 println!("{}", serde_json::Value::Array(rows));
             } else {
-                println!("{:<21} {:<8} {:<12} {:<10} {:<9} {:<10} NAME", "ID", "STATUS", "TENANT", "ROLE", "PREFIX", "LAST USED");
+                println!(
+                    "{:<21} {:<8} {:<12} {:<10} {:<9} {:<10} NAME",
+                    "ID", "STATUS", "TENANT", "ROLE", "PREFIX", "LAST USED"
+                );
                 for k in &keys {
                     println!(
                         "{:<21} {:<8} {:<12} {:<10} {:<9} {:<10} {}",
@@ -364,7 +384,9 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
                         k.tenant,
                         k.role,
                         k.prefix,
-                        k.last_used_at.map(|t| rfc3339(t)[..10].to_owned()).unwrap_or_else(|| "never".into()),
+                        k.last_used_at
+                            .map(|t| rfc3339(t)[..10].to_owned())
+                            .unwrap_or_else(|| "never".into()),
                         k.name
                     );
                 }
@@ -372,7 +394,11 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::Revoke(a) => {
             let Some(record) = store.get_api_key(&a.id).await? else {
-                anyhow::bail!("no key {:?} in {}; `meshgate keys list` shows the ids", a.id, dir.display());
+                anyhow::bail!(
+                    "no key {:?} in {}; `meshgate keys list` shows the ids",
+                    a.id,
+                    dir.display()
+                );
             };
             let now = meshgate_store::now_ms();
             let revoked = store.revoke_api_key(&a.id, now).await?;

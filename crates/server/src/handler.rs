@@ -582,7 +582,6 @@ impl GatewayHandler {
         r
     }
 
-
     fn check_tool_rules(&self, p: &Principal, tool: &str) -> Result<(), McpError> {
         self.auth.policy.check(p, tool).map_err(|denied| {
             forbidden(
@@ -785,21 +784,39 @@ impl ServerHandler for GatewayHandler {
             Ok(p) => p,
             Err(e) => {
                 if let Some(p) = request_principal(&ctx).or_else(|| self.bound.clone()) {
-                    self.audit_call(&p, &ctx, &exposed, &args, started, "denied", Some(&e.message))
-                        .await;
+                    self.audit_call(
+                        &p,
+                        &ctx,
+                        &exposed,
+                        &args,
+                        started,
+                        "denied",
+                        Some(&e.message),
+                    )
+                    .await;
                 }
                 return Err(e);
             }
         };
         let r = self.call_tool_as(&p, request, &ctx, started).await;
         let (outcome, message) = match &r {
-            Ok(CallToolResponse::Complete(res)) if res.is_error == Some(true) => ("tool_error", None),
+            Ok(CallToolResponse::Complete(res)) if res.is_error == Some(true) => {
+                ("tool_error", None)
+            }
             Ok(_) => ("ok", None),
             Err(e) if e.code == FORBIDDEN => ("denied", Some(e.message.to_string())),
             Err(e) => ("error", Some(e.message.to_string())),
         };
-        self.audit_call(&p, &ctx, &exposed, &args, started, outcome, message.as_deref())
-            .await;
+        self.audit_call(
+            &p,
+            &ctx,
+            &exposed,
+            &args,
+            started,
+            outcome,
+            message.as_deref(),
+        )
+        .await;
         r
     }
 

@@ -110,7 +110,10 @@ async fn mcp_precheck(
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let principal = req.extensions().get::<RequestPrincipal>().map(|p| p.0.clone());
+    let principal = req
+        .extensions()
+        .get::<RequestPrincipal>()
+        .map(|p| p.0.clone());
     let Some(principal) = principal else {
         return jsonrpc_error(
             StatusCode::UNAUTHORIZED,
@@ -147,7 +150,10 @@ async fn mcp_precheck(
     };
     if session.is_none()
         && resp.status().is_success()
-        && let Some(id) = resp.headers().get("mcp-session-id").and_then(|v| v.to_str().ok())
+        && let Some(id) = resp
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
     {
         auth.remember_session_owner(id, &principal).await;
     }
@@ -250,12 +256,13 @@ pub fn router(state: AppState) -> Router {
         mcp_config,
     );
     let limit = cfg.max_request_body_bytes;
-    let mcp_routes = Router::new()
-        .route_service("/mcp", mcp)
-        .layer(middleware::from_fn_with_state(
-            (limit, state.auth.clone()),
-            mcp_precheck,
-        ));
+    let mcp_routes =
+        Router::new()
+            .route_service("/mcp", mcp)
+            .layer(middleware::from_fn_with_state(
+                (limit, state.auth.clone()),
+                mcp_precheck,
+            ));
     let auth = state.auth.clone();
     Router::new()
         .route("/health", get(health))

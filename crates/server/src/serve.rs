@@ -76,8 +76,9 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
     let auth = Auth::start(&config, store.clone(), shutdown.clone()).await?;
     if auth.enabled() {
         if let Some(key) = bootstrap_admin_key(store.as_ref(), &config.data_dir).await? {
-            // Printed once, on purpose: this is how the operator gets in.
-            eprintln!(
+            // Printed once, on purpose, to stdout (logs go to stderr): this
+            // is how the operator gets in.
+            println!(
                 "\nmeshgate: created the first admin key (shown once; also saved to {}):\n\n    {key}\n\nUse it as `Authorization: Bearer <key>`, or create narrower keys with `meshgate keys create`.\n",
                 config.data_dir.join("admin.key").display()
             );

@@ -17,7 +17,7 @@ async fn post(http: &reqwest::Client, url: &str, message: Value) -> reqwest::Sta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_sse_session_initializes_lists_and_calls_tools() {
     let env = Env::start().await;
-    let http = reqwest::Client::new();
+    let http = env.gw.client();
 
     let r = http
         .get(env.gw.url("/sse"))
@@ -98,7 +98,9 @@ async fn legacy_sse_session_initializes_lists_and_calls_tools() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_post_to_an_unknown_session_is_404_naming_the_session() {
     let env = Env::start().await;
-    let r = reqwest::Client::new()
+    let r = env
+        .gw
+        .client()
         .post(env.gw.url("/messages?sessionId=no-such-session"))
         .header("content-type", "application/json")
         .body(json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}).to_string())

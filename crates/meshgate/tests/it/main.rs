@@ -3,6 +3,7 @@
 //! stdio, and the official server-everything), driven by the rmcp client and
 //! by plain HTTP.
 
+mod auth;
 mod bad_input;
 mod everything;
 mod federation;

@@ -7,7 +7,7 @@ use crate::support::{Env, RawSession, call_tool, connect, text_of};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_response_carries_a_trace_id_and_a_valid_incoming_one_is_echoed() {
     let env = Env::start().await;
-    let http = reqwest::Client::new();
+    let http = env.gw.client();
 
     for path in [
         "/ready",

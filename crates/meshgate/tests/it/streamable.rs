@@ -567,7 +567,7 @@ async fn session_survives_a_gateway_restart() {
     assert_eq!(before["result"]["content"][0]["text"], "before", "{before}");
 
     env.gw.restart().await;
-    raw.http = reqwest::Client::new(); // the old connections died with the process
+    raw.http = env.gw.client(); // the old connections died with the process
 
     let after = raw
         .request(

@@ -190,6 +190,10 @@ impl Drop for HttpFixture {
 pub struct GatewayConfig {
     upstreams: Vec<String>,
     mcp: Vec<String>,
+    /// Extra lines under `[auth]`.
+    auth: Vec<String>,
+    /// Extra TOML appended at the end (tables such as `[[auth.tool_rules]]`).
+    tail: Vec<String>,
 }
 
 impl GatewayConfig {
@@ -239,6 +243,27 @@ impl GatewayConfig {
         )
     }
 
+    /// Adds `line` (e.g. `enabled = false`) under `[auth]`.
+    pub fn auth(mut self, line: &str) -> GatewayConfig {
+        self.auth.push(line.to_owned());
+        self
+    }
+
+    /// Appends raw TOML (tables such as `[[auth.tool_rules]]`).
+    pub fn toml(mut self, text: &str) -> GatewayConfig {
+        self.tail.push(text.to_owned());
+        self
+    }
+
+    /// Adds `key = value` lines to the last upstream (e.g. `tenant = "b"`).
+    pub fn upstream_extra(mut self, lines: &str) -> GatewayConfig {
+        if let Some(last) = self.upstreams.last_mut() {
+            last.push_str(lines);
+            last.push('\n');
+        }
+        self
+    }
+
     /// Sets `mcp.max_request_body_bytes`.
     pub fn max_request_body_bytes(mut self, limit: usize) -> GatewayConfig {
         self.mcp.push(format!("max_request_body_bytes = {limit}"));
@@ -251,9 +276,19 @@ impl GatewayConfig {
             toml_str(&data_dir.display().to_string()),
             self.mcp.join("\n")
         );
+        s.push_str("\n[auth]\n");
+        for line in &self.auth {
+            s.push_str(line);
+            s.push('\n');
+        }
         for up in &self.upstreams {
             s.push_str("\n[[upstreams]]\n");
             s.push_str(up);
+        }
+        for t in &self.tail {
+            s.push('\n');
+            s.push_str(t);
+            s.push('\n');
         }
         s
     }
@@ -274,6 +309,8 @@ pub struct Gateway {
     log_path: PathBuf,
     data_dir: PathBuf,
     http: reqwest::Client,
+    /// The admin key the gateway created on first start (empty when auth is off).
+    pub admin_key: String,
     // Dropped last: the process must be gone before its directory is removed.
     dir: TempDir,
 }
@@ -294,13 +331,17 @@ impl Gateway {
             config_path,
             data_dir,
             http: reqwest::Client::new(),
+            admin_key: String::new(),
             dir,
         };
         // The free port can be taken (e.g. as another test's outgoing port)
         // between picking it and the gateway binding it: pick again then.
         for _ in 0..4 {
             match gw.try_spawn().await {
-                Ok(()) => return gw,
+                Ok(()) => {
+                    gw.load_admin_key();
+                    return gw;
+                }
                 Err(log) if log.contains("cannot listen") => {
                     gw.port = free_port();
                     std::fs::write(&gw.config_path, config.render(gw.port, &gw.data_dir))
@@ -310,7 +351,37 @@ impl Gateway {
             }
         }
         gw.spawn().await;
+        gw.load_admin_key();
         gw
+    }
+
+    /// Reads `admin.key` from the data directory, where the first start puts it.
+    fn load_admin_key(&mut self) {
+        self.admin_key = std::fs::read_to_string(self.data_dir.join("admin.key"))
+            .map(|k| k.trim().to_owned())
+            .unwrap_or_default();
+        self.http = self.client_with_key(&self.admin_key.clone());
+    }
+
+    /// An HTTP client that sends the admin key on every request.
+    pub fn client(&self) -> reqwest::Client {
+        self.http.clone()
+    }
+
+    /// An HTTP client that sends `key` as `Authorization: Bearer` (none when empty).
+    pub fn client_with_key(&self, key: &str) -> reqwest::Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if !key.is_empty() {
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+                    .expect("a key is a valid header value"),
+            );
+        }
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("build an HTTP client")
     }
 
     async fn spawn(&mut self) {
@@ -599,10 +670,26 @@ pub async fn connect(gw: &Gateway) -> (Session, TestClient) {
     connect_with(gw, ProtocolVersion::V_2025_11_25).await
 }
 
-/// Connects a [`TestClient`] offering `version`.
+/// Connects a [`TestClient`] offering `version`, with the admin key.
 pub async fn connect_with(gw: &Gateway, version: ProtocolVersion) -> (Session, TestClient) {
+    connect_as(gw, version, &gw.admin_key).await
+}
+
+/// Connects a [`TestClient`] offering `version`, authenticating with `key`.
+pub async fn connect_as(
+    gw: &Gateway,
+    version: ProtocolVersion,
+    key: &str,
+) -> (Session, TestClient) {
     let client = TestClient::new(version);
-    let transport = StreamableHttpClientTransport::from_uri(gw.mcp_url());
+    let mut config =
+        rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig::with_uri(
+            gw.mcp_url(),
+        );
+    if !key.is_empty() {
+        config = config.auth_header(key.to_owned());
+    }
+    let transport = StreamableHttpClientTransport::from_config(config);
     let session = tokio::time::timeout(WAIT, client.clone().serve(transport))
         .await
         .expect("initialize did not finish in time")
@@ -780,7 +867,7 @@ impl RawSession {
     /// A session-less handle on `gw`'s endpoint.
     pub fn new(gw: &Gateway) -> RawSession {
         RawSession {
-            http: reqwest::Client::new(),
+            http: gw.client(),
             url: gw.mcp_url(),
             session: None,
             next_id: AtomicU64::new(1),

@@ -59,8 +59,11 @@ fn not_found(id: &str) -> ApiError {
 /// Parses a JSON body with a message naming the bad field.
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
     if body.is_empty() {
-        return serde_json::from_slice(b"{}")
-            .map_err(|e| bad(format!("{what}: the request body must be a JSON object ({e})")));
+        return serde_json::from_slice(b"{}").map_err(|e| {
+            bad(format!(
+                "{what}: the request body must be a JSON object ({e})"
+            ))
+        });
     }
     serde_json::from_slice(body).map_err(|e| bad(format!("{what}: {e}")))
 }
@@ -75,7 +78,10 @@ fn target_tenant(p: &Principal, requested: Option<&str>) -> Result<String, ApiEr
             if meshgate_core::config::valid_tenant(t) {
                 Ok(t.to_owned())
             } else {
-                Err(bad(format!("tenant `{t}` {}", meshgate_core::config::TENANT_RULE)))
+                Err(bad(format!(
+                    "tenant `{t}` {}",
+                    meshgate_core::config::TENANT_RULE
+                )))
             }
         }
         Some(t) => Err(ApiError(
@@ -129,7 +135,10 @@ pub fn routes() -> Router<Arc<Auth>> {
         .route("/api/v1/auth/logout", post(logout))
         .route("/api/v1/auth/whoami", get(whoami))
         .route("/api/v1/audit", get(audit_query))
-        .route("/.well-known/oauth-protected-resource", get(resource_metadata))
+        .route(
+            "/.well-known/oauth-protected-resource",
+            get(resource_metadata),
+        )
         .route(
             "/.well-known/oauth-protected-resource/{*rest}",
             get(resource_metadata),
@@ -179,13 +188,22 @@ async fn create_key_route(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let req: CreateKey = parse_body(&body, "create key")?;
-    let role = Role::parse(&req.role)
-        .ok_or_else(|| bad(format!("role `{}` is unknown; use one of {}", req.role, Role::ALLOWED)))?;
+    let role = Role::parse(&req.role).ok_or_else(|| {
+        bad(format!(
+            "role `{}` is unknown; use one of {}",
+            req.role,
+            Role::ALLOWED
+        ))
+    })?;
     let tenant = target_tenant(&p, req.tenant.as_deref())?;
     let scopes = resolve_scopes(role, req.scopes.as_deref()).map_err(bad)?;
     check_grant(&p, &scopes)?;
     let expires_at = match req.expires_in_secs {
-        Some(0) => return Err(bad("expires_in_secs must be at least 1 (omit it for a key that never expires)")),
+        Some(0) => {
+            return Err(bad(
+                "expires_in_secs must be at least 1 (omit it for a key that never expires)",
+            ));
+        }
         Some(s) => Some(now_ms().saturating_add((s.min(100 * 365 * 86_400) * 1000) as i64)),
         None => None,
     };
@@ -203,7 +221,14 @@ async fn create_key_route(
     )
     .await
     .map_err(bad)?;
-    let mut audit = entry(&p, "key.create", &record.id, "ok", trace(&t), json!({"role": record.role, "scopes": record.scopes, "name": record.name}));
+    let mut audit = entry(
+        &p,
+        "key.create",
+        &record.id,
+        "ok",
+        trace(&t),
+        json!({"role": record.role, "scopes": record.scopes, "name": record.name}),
+    );
     audit.tenant = record.tenant.clone();
     auth.audit.record(audit).await;
     let mut out = key_json(&record);
@@ -231,7 +256,9 @@ async fn list_keys(
         .list_api_keys(tenant.as_deref())
         .await
         .map_err(store_err)?;
-    Ok(Json(json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()})))
+    Ok(Json(
+        json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()}),
+    ))
 }
 
 /// The key `id` when the caller may see it (same tenant or `tenants:*`).
@@ -265,7 +292,8 @@ async fn patch_key(
 ) -> Result<Json<Value>, ApiError> {
     let req: PatchKey = parse_body(&body, "patch key (only `scopes` can change)")?;
     let record = visible_key(&auth, &p, &id).await?;
-    let role = Role::parse(&record.role).ok_or_else(|| bad(format!("stored role `{}` is unknown", record.role)))?;
+    let role = Role::parse(&record.role)
+        .ok_or_else(|| bad(format!("stored role `{}` is unknown", record.role)))?;
     let scopes = resolve_scopes(role, Some(&req.scopes)).map_err(bad)?;
     check_grant(&p, &scopes)?;
     if !auth
@@ -277,7 +305,14 @@ async fn patch_key(
         return Err(not_found(&id));
     }
     auth.forget_key(&record);
-    let mut audit = entry(&p, "key.update", &id, "ok", trace(&t), json!({"scopes_before": record.scopes, "scopes": scopes}));
+    let mut audit = entry(
+        &p,
+        "key.update",
+        &id,
+        "ok",
+        trace(&t),
+        json!({"scopes_before": record.scopes, "scopes": scopes}),
+    );
     audit.tenant = record.tenant.clone();
     auth.audit.record(audit).await;
     let updated = visible_key(&auth, &p, &id).await?;
@@ -292,7 +327,11 @@ async fn revoke_key(
 ) -> Result<Json<Value>, ApiError> {
     let record = visible_key(&auth, &p, &id).await?;
     let now = now_ms();
-    let revoked = auth.store.revoke_api_key(&id, now).await.map_err(store_err)?;
+    let revoked = auth
+        .store
+        .revoke_api_key(&id, now)
+        .await
+        .map_err(store_err)?;
     let families = auth
         .store
         .revoke_refresh_families_of_key(&id, now)
@@ -300,7 +339,14 @@ async fn revoke_key(
         .map_err(store_err)?;
     auth.revoke_families(families.iter().cloned());
     auth.forget_key(&record);
-    let mut audit = entry(&p, "key.revoke", &id, if revoked { "ok" } else { "noop" }, trace(&t), json!({"token_families_revoked": families.len()}));
+    let mut audit = entry(
+        &p,
+        "key.revoke",
+        &id,
+        if revoked { "ok" } else { "noop" },
+        trace(&t),
+        json!({"token_families_revoked": families.len()}),
+    );
     audit.tenant = record.tenant.clone();
     auth.audit.record(audit).await;
     let updated = visible_key(&auth, &p, &id).await?;
@@ -320,14 +366,24 @@ async fn token(
         ));
     }
     let key_id = p.key_id.clone().unwrap_or_default();
-    let key = auth.live_key_by_id(&key_id).await.map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.reason(), e.to_string()))?;
+    let key = auth
+        .live_key_by_id(&key_id)
+        .await
+        .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.reason(), e.to_string()))?;
     let pair = auth
         .tokens
         .issue(auth.store.as_ref(), &key)
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.reason(), e.to_string()))?;
     auth.audit
-        .record(entry(&p, "token.issue", &key_id, "ok", trace(&t), json!({})))
+        .record(entry(
+            &p,
+            "token.issue",
+            &key_id,
+            "ok",
+            trace(&t),
+            json!({}),
+        ))
         .await;
     Ok(Json(pair).into_response())
 }
@@ -345,7 +401,9 @@ async fn refresh(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let client = connect.map(|c| c.0.0.ip().to_string()).unwrap_or_else(|| "unknown".into());
+    let client = connect
+        .map(|c| c.0.0.ip().to_string())
+        .unwrap_or_else(|| "unknown".into());
     if !auth.enabled() {
         return ApiError(
             StatusCode::BAD_REQUEST,
@@ -357,7 +415,8 @@ async fn refresh(
     if let Err(e) = auth.check_lockout(&client) {
         return auth_error_response(&auth, &headers, &e);
     }
-    let req: RefreshBody = match parse_body(&body, "refresh (send {\"refresh_token\": \"mgr_…\"})") {
+    let req: RefreshBody = match parse_body(&body, "refresh (send {\"refresh_token\": \"mgr_…\"})")
+    {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -377,12 +436,28 @@ async fn refresh(
                 kind: CredentialKind::AccessToken,
             };
             auth.audit
-                .record(entry(&who, "token.refresh", &key.id, "ok", trace(&t), json!({})))
+                .record(entry(
+                    &who,
+                    "token.refresh",
+                    &key.id,
+                    "ok",
+                    trace(&t),
+                    json!({}),
+                ))
                 .await;
             Json(pair).into_response()
         }
-        Ok(RefreshOutcome::Reused { family, tenant, key_id }) => {
-            tracing::warn!(key_id, family, client, "refresh token reused: revoked its whole family");
+        Ok(RefreshOutcome::Reused {
+            family,
+            tenant,
+            key_id,
+        }) => {
+            tracing::warn!(
+                key_id,
+                family,
+                client,
+                "refresh token reused: revoked its whole family"
+            );
             metrics::counter!("auth_refresh_reuse_total").increment(1);
             let mut e = entry(
                 &Principal {
@@ -437,7 +512,11 @@ async fn logout(
             .map_err(store_err)?;
         match rec {
             Some(r) if p.may_access_tenant(&r.tenant) => families.push(r.family),
-            _ => return Err(bad("refresh_token is not one this gateway issued to your tenant")),
+            _ => {
+                return Err(bad(
+                    "refresh_token is not one this gateway issued to your tenant",
+                ));
+            }
         }
     }
     if families.is_empty() {
@@ -450,13 +529,26 @@ async fn logout(
     let now = now_ms();
     let mut revoked = 0;
     for f in &families {
-        revoked += auth.store.revoke_refresh_family(f, now).await.map_err(store_err)?;
+        revoked += auth
+            .store
+            .revoke_refresh_family(f, now)
+            .await
+            .map_err(store_err)?;
     }
     auth.revoke_families(families.iter().cloned());
     auth.audit
-        .record(entry(&p, "token.logout", p.key_id.as_deref().unwrap_or(&p.subject), "ok", trace(&t), json!({"families": families.len()})))
+        .record(entry(
+            &p,
+            "token.logout",
+            p.key_id.as_deref().unwrap_or(&p.subject),
+            "ok",
+            trace(&t),
+            json!({"families": families.len()}),
+        ))
         .await;
-    Ok(Json(json!({"logged_out": true, "refresh_tokens_revoked": revoked})))
+    Ok(Json(
+        json!({"logged_out": true, "refresh_tokens_revoked": revoked}),
+    ))
 }
 
 async fn whoami(Extension(RequestPrincipal(p)): Extension<RequestPrincipal>) -> Json<Value> {
@@ -542,7 +634,10 @@ async fn resource_metadata(State(auth): State<Arc<Auth>>, headers: HeaderMap) ->
         let host = headers
             .get(axum::http::header::HOST)
             .and_then(|h| h.to_str().ok())
-            .filter(|h| h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)))
+            .filter(|h| {
+                h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+            })
             .unwrap_or("localhost");
         format!("http://{host}/mcp")
     });

@@ -25,7 +25,11 @@ pub struct Audit {
 
 impl Audit {
     /// Starts the writer and the retention task.
-    pub fn start(store: Arc<dyn Store>, retention: AuditConfig, shutdown: CancellationToken) -> Audit {
+    pub fn start(
+        store: Arc<dyn Store>,
+        retention: AuditConfig,
+        shutdown: CancellationToken,
+    ) -> Audit {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(write_loop(store.clone(), rx));
         tokio::spawn(retention_loop(store, retention, shutdown));
@@ -48,7 +52,14 @@ impl Audit {
 
     /// Queues an entry from synchronous code (lockout): never blocks; a full
     /// queue hands the entry to a task that waits for room.
-    pub fn record_system(&self, tenant: &str, action: &str, target: &str, outcome: &str, detail: serde_json::Value) {
+    pub fn record_system(
+        &self,
+        tenant: &str,
+        action: &str,
+        target: &str,
+        outcome: &str,
+        detail: serde_json::Value,
+    ) {
         let record = AuditRecord {
             id: 0,
             at: now_ms(),

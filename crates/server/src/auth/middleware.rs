@@ -44,7 +44,11 @@ pub fn route_scope(method: &Method, path: &str) -> Option<&'static str> {
         return Some(scope::METRICS_READ);
     }
     if path == "/api/v1/auth/keys" || path.starts_with("/api/v1/auth/keys/") {
-        return Some(if write { scope::KEYS_WRITE } else { scope::KEYS_READ });
+        return Some(if write {
+            scope::KEYS_WRITE
+        } else {
+            scope::KEYS_READ
+        });
     }
     if path == "/api/v1/audit" {
         return Some(scope::AUDIT_READ);
@@ -74,7 +78,9 @@ fn presented(headers: &HeaderMap) -> Result<Option<String>, AuthError> {
         }
         let token = rest.trim();
         if token.is_empty() {
-            return Err(AuthError::Malformed("`Authorization: Bearer` has no token".into()));
+            return Err(AuthError::Malformed(
+                "`Authorization: Bearer` has no token".into(),
+            ));
         }
         return Ok(Some(token.to_owned()));
     }
@@ -99,7 +105,10 @@ fn base_url(auth: &Auth, headers: &HeaderMap) -> String {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .filter(|h| h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)))
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+        })
         .unwrap_or("localhost");
     format!("http://{host}")
 }
@@ -125,19 +134,26 @@ pub fn auth_error_response(auth: &Auth, headers: &HeaderMap, e: &AuthError) -> R
         );
         match e {
             AuthError::Missing => {}
-            AuthError::MissingScope { scope, .. } => {
-                challenge.push_str(&format!(", error=\"insufficient_scope\", scope=\"{scope}\""))
-            }
+            AuthError::MissingScope { scope, .. } => challenge.push_str(&format!(
+                ", error=\"insufficient_scope\", scope=\"{scope}\""
+            )),
             _ => challenge.push_str(&format!(
                 ", error=\"invalid_token\", error_description=\"{}\"",
-                e.to_string().replace(['"', '\\'], "'")
+                e.to_string()
+                    .replace('…', "...")
+                    .chars()
+                    .filter(|c| c.is_ascii() && !c.is_ascii_control())
+                    .collect::<String>()
+                    .replace(['"', '\\'], "'")
             )),
         }
         if let Ok(v) = HeaderValue::from_str(&challenge) {
             h.insert(header::WWW_AUTHENTICATE, v);
         }
     }
-    if let AuthError::LockedOut { retry_after_secs, .. } = e
+    if let AuthError::LockedOut {
+        retry_after_secs, ..
+    } = e
         && let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string())
     {
         h.insert(header::RETRY_AFTER, v);
@@ -154,7 +170,9 @@ pub async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next:
     }
     if !auth.enabled() {
         req.extensions_mut()
-            .insert(RequestPrincipal(Arc::new(Principal::anonymous(DEFAULT_TENANT))));
+            .insert(RequestPrincipal(Arc::new(Principal::anonymous(
+                DEFAULT_TENANT,
+            ))));
         return next.run(req).await;
     }
     let client = client_of(&req);
@@ -190,6 +208,7 @@ pub async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next:
     if let Some(f) = family {
         req.extensions_mut().insert(TokenFamily(f));
     }
-    req.extensions_mut().insert(RequestPrincipal(Arc::new(principal)));
+    req.extensions_mut()
+        .insert(RequestPrincipal(Arc::new(principal)));
     next.run(req).await
 }

@@ -47,7 +47,9 @@ pub enum AuthError {
     #[error("malformed credentials: {0}")]
     Malformed(String),
     /// A well-formed API key this gateway never issued.
-    #[error("unknown API key `{prefix}…`: it was never issued by this gateway, or it was deleted; create one with `meshgate keys create`")]
+    #[error(
+        "unknown API key `{prefix}…`: it was never issued by this gateway, or it was deleted; create one with `meshgate keys create`"
+    )]
     UnknownKey {
         /// The non-secret start of the key.
         prefix: String,
@@ -72,7 +74,9 @@ pub enum AuthError {
     #[error("invalid token: {0}")]
     InvalidToken(String),
     /// The client failed too often and is locked out.
-    #[error("too many failed authentication attempts from {client}: locked out for {retry_after_secs} more seconds (auth.lockout); fix the credential and retry after that")]
+    #[error(
+        "too many failed authentication attempts from {client}: locked out for {retry_after_secs} more seconds (auth.lockout); fix the credential and retry after that"
+    )]
     LockedOut {
         /// The client address.
         client: String,
@@ -80,7 +84,9 @@ pub enum AuthError {
         retry_after_secs: u64,
     },
     /// Authenticated, but without the scope this route needs.
-    #[error("forbidden: this {route} needs scope `{scope}`, which the credential (role `{role}`) does not hold")]
+    #[error(
+        "forbidden: this {route} needs scope `{scope}`, which the credential (role `{role}`) does not hold"
+    )]
     MissingScope {
         /// What was asked for.
         route: String,
@@ -226,7 +232,10 @@ pub async fn create_key(store: &dyn Store, new: NewKey) -> Result<(String, ApiKe
 /// On first start with no key at all, creates an admin key of the default
 /// tenant, writes it to `admin.key` (mode 0600) in the data directory and
 /// returns it so the caller can print it once.
-pub async fn bootstrap_admin_key(store: &dyn Store, data_dir: &Path) -> anyhow::Result<Option<String>> {
+pub async fn bootstrap_admin_key(
+    store: &dyn Store,
+    data_dir: &Path,
+) -> anyhow::Result<Option<String>> {
     if store.count_api_keys().await? > 0 {
         return Ok(None);
     }
@@ -325,7 +334,11 @@ impl Auth {
         let policy = ToolPolicy::new(&a.tool_rules).map_err(|e| anyhow::anyhow!(e))?;
         let tokens = tokens::TokenIssuer::load_or_create(&config.data_dir, a)?;
         let oauth = oauth::OAuthVerifier::new(&a.oauth, a.clock_skew_secs)?;
-        let revoked: HashSet<String> = store.revoked_families(now_ms()).await?.into_iter().collect();
+        let revoked: HashSet<String> = store
+            .revoked_families(now_ms())
+            .await?
+            .into_iter()
+            .collect();
         let audit = Audit::start(store.clone(), a.audit.clone(), shutdown);
         let lockout = Lockout::new(
             a.lockout.max_failures,
@@ -351,7 +364,10 @@ impl Auth {
     /// Records that `principal` opened MCP session `id`.
     pub async fn remember_session_owner(&self, id: &str, principal: &Principal) {
         if let Ok(mut m) = self.session_owners.lock() {
-            m.insert(id.to_owned(), (principal.tenant.clone(), principal.subject.clone()));
+            m.insert(
+                id.to_owned(),
+                (principal.tenant.clone(), principal.subject.clone()),
+            );
         }
         if let Err(e) = self
             .store
@@ -366,7 +382,12 @@ impl Auth {
     /// subject). Sessions without a recorded owner belong to nobody.
     pub async fn session_owned_by(&self, id: &str, principal: &Principal) -> bool {
         let mine = |(t, s): &(String, String)| *t == principal.tenant && *s == principal.subject;
-        if let Some(owner) = self.session_owners.lock().ok().and_then(|m| m.get(id).cloned()) {
+        if let Some(owner) = self
+            .session_owners
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).cloned())
+        {
             return mine(&owner);
         }
         match self.store.session_owner(id).await {
@@ -400,7 +421,11 @@ impl Auth {
     /// When `client` is locked out, the error to answer with.
     pub fn check_lockout(&self, client: &str) -> Result<(), AuthError> {
         let now = now_ms();
-        let until = self.lockout.lock().ok().and_then(|l| l.locked_until(client, now));
+        let until = self
+            .lockout
+            .lock()
+            .ok()
+            .and_then(|l| l.locked_until(client, now));
         match until {
             Some(until) => Err(AuthError::LockedOut {
                 client: client.to_owned(),
@@ -467,7 +492,11 @@ impl Auth {
         }
     }
 
-    async fn cached_key(&self, cache_key: String, by_hash: bool) -> Result<Option<ApiKeyRecord>, AuthError> {
+    async fn cached_key(
+        &self,
+        cache_key: String,
+        by_hash: bool,
+    ) -> Result<Option<ApiKeyRecord>, AuthError> {
         if let Ok(c) = self.keys.lock()
             && let Some(hit) = c.get(&cache_key)
             && hit.fetched.elapsed() < KEY_CACHE_TTL
@@ -551,7 +580,10 @@ impl Auth {
     /// Authenticates a bearer token: an API key, a gateway access token, or
     /// an external issuer's token. Returns the principal and, for gateway
     /// tokens, the token family.
-    pub async fn authenticate_bearer(&self, token: &str) -> Result<(Principal, Option<String>), AuthError> {
+    pub async fn authenticate_bearer(
+        &self,
+        token: &str,
+    ) -> Result<(Principal, Option<String>), AuthError> {
         if token.starts_with(meshgate_core::auth::API_KEY_PREFIX) {
             return self.authenticate_key(token).await.map(|p| (p, None));
         }
@@ -565,8 +597,9 @@ impl Auth {
                 });
             }
             let key = self.live_key_by_id(&claims.sub).await?;
-            let role = Role::parse(&claims.role)
-                .ok_or_else(|| AuthError::InvalidToken(format!("unknown role `{}`", claims.role)))?;
+            let role = Role::parse(&claims.role).ok_or_else(|| {
+                AuthError::InvalidToken(format!("unknown role `{}`", claims.role))
+            })?;
             // A token never carries more than its key holds now.
             let scopes: Vec<String> = claims
                 .scope
@@ -615,7 +648,10 @@ pub fn check_key_live(record: &ApiKeyRecord, now: i64) -> Result<(), AuthError> 
 /// The principal of a stored key.
 pub fn principal_of(record: &ApiKeyRecord, kind: CredentialKind) -> Result<Principal, AuthError> {
     let role = Role::parse(&record.role).ok_or_else(|| {
-        AuthError::Unavailable(format!("stored key `{}` has unknown role `{}`", record.id, record.role))
+        AuthError::Unavailable(format!(
+            "stored key `{}` has unknown role `{}`",
+            record.id, record.role
+        ))
     })?;
     Ok(Principal {
         subject: record.id.clone(),

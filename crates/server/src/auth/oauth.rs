@@ -94,7 +94,10 @@ impl OAuthVerifier {
 
     /// The issuers' URLs, for the protected-resource metadata.
     pub fn issuer_urls(&self) -> Vec<String> {
-        self.issuers.iter().map(|i| i.config.issuer.clone()).collect()
+        self.issuers
+            .iter()
+            .map(|i| i.config.issuer.clone())
+            .collect()
     }
 
     async fn fetch(&self, issuer: &Issuer) -> Result<JwkSet, AuthError> {
@@ -148,7 +151,8 @@ impl OAuthVerifier {
                 return Err(AuthError::InvalidToken(format!(
                     "no key of issuer `{}` matches the token's kid {}",
                     issuer.config.issuer,
-                    kid.map(|k| format!("`{k}`")).unwrap_or_else(|| "(none)".into())
+                    kid.map(|k| format!("`{k}`"))
+                        .unwrap_or_else(|| "(none)".into())
                 )));
             }
         }
@@ -157,7 +161,8 @@ impl OAuthVerifier {
             AuthError::InvalidToken(format!(
                 "no key of issuer `{}` matches the token's kid {}",
                 issuer.config.issuer,
-                kid.map(|k| format!("`{k}`")).unwrap_or_else(|| "(none)".into())
+                kid.map(|k| format!("`{k}`"))
+                    .unwrap_or_else(|| "(none)".into())
             ))
         })
     }
@@ -170,7 +175,8 @@ impl OAuthVerifier {
             )));
         };
         let alg = check_header_alg(token, ASYMMETRIC)?;
-        let header = jsonwebtoken::decode_header(token).map_err(|e| explain_jwt_error(&e, token))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| explain_jwt_error(&e, token))?;
         let key = self.key_for(issuer, header.kid.as_deref()).await?;
         let mut v = Validation::new(alg);
         v.leeway = self.leeway;

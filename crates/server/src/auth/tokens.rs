@@ -145,13 +145,22 @@ impl TokenIssuer {
     }
 
     /// Exchanges a live API key for a new token pair in a new family.
-    pub async fn issue(&self, store: &dyn Store, key: &ApiKeyRecord) -> Result<TokenPair, AuthError> {
+    pub async fn issue(
+        &self,
+        store: &dyn Store,
+        key: &ApiKeyRecord,
+    ) -> Result<TokenPair, AuthError> {
         let family = new_id("fam_").map_err(AuthError::Unavailable)?;
         self.pair(store, key, &family).await
     }
 
     /// A new access token and refresh token in `family`.
-    pub async fn pair(&self, store: &dyn Store, key: &ApiKeyRecord, family: &str) -> Result<TokenPair, AuthError> {
+    pub async fn pair(
+        &self,
+        store: &dyn Store,
+        key: &ApiKeyRecord,
+        family: &str,
+    ) -> Result<TokenPair, AuthError> {
         let (access_token, expires_in) = self.sign(key, family)?;
         let refresh = format!(
             "{REFRESH_PREFIX}{}",
@@ -217,7 +226,11 @@ pub async fn rotate(
         .find_refresh_token_by_hash(&hash_secret(presented))
         .await
         .map_err(unavailable)?
-        .ok_or_else(|| AuthError::InvalidToken("unknown refresh token: it was never issued by this gateway".into()))?;
+        .ok_or_else(|| {
+            AuthError::InvalidToken(
+                "unknown refresh token: it was never issued by this gateway".into(),
+            )
+        })?;
     let now = now_ms();
     if let Some(at) = record.revoked_at {
         return Err(AuthError::Revoked {
@@ -266,7 +279,11 @@ pub fn unverified_issuer(token: &str) -> Result<Option<String>, AuthError> {
     }
     let header = decode_json_part(parts[0], "header")?;
     match header.get("alg").and_then(|a| a.as_str()) {
-        None => return Err(AuthError::InvalidToken("the token header has no `alg`".into())),
+        None => {
+            return Err(AuthError::InvalidToken(
+                "the token header has no `alg`".into(),
+            ));
+        }
         Some(alg) if alg.eq_ignore_ascii_case("none") => {
             return Err(AuthError::InvalidToken(
                 "unsigned token (`alg: none`) refused: tokens must be signed".into(),
@@ -278,7 +295,10 @@ pub fn unverified_issuer(token: &str) -> Result<Option<String>, AuthError> {
     if parts[2].is_empty() {
         return Err(AuthError::InvalidToken("the token has no signature".into()));
     }
-    Ok(payload.get("iss").and_then(|i| i.as_str()).map(str::to_owned))
+    Ok(payload
+        .get("iss")
+        .and_then(|i| i.as_str())
+        .map(str::to_owned))
 }
 
 fn decode_json_part(part: &str, what: &str) -> Result<serde_json::Value, AuthError> {
@@ -290,7 +310,9 @@ fn decode_json_part(part: &str, what: &str) -> Result<serde_json::Value, AuthErr
     if v.is_object() {
         Ok(v)
     } else {
-        Err(AuthError::Malformed(format!("the token {what} is not a JSON object")))
+        Err(AuthError::Malformed(format!(
+            "the token {what} is not a JSON object"
+        )))
     }
 }
 
@@ -305,7 +327,11 @@ pub fn check_header_alg(token: &str, allowed: &[Algorithm]) -> Result<Algorithm,
         Err(AuthError::InvalidToken(format!(
             "algorithm {:?} is not accepted here (accepted: {})",
             header.alg,
-            allowed.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ")
+            allowed
+                .iter()
+                .map(|a| format!("{a:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         )))
     }
 }
@@ -320,7 +346,9 @@ pub fn explain_jwt_error(e: &jsonwebtoken::errors::Error, token: &str) -> AuthEr
                 .and_then(|c| c.get("exp").and_then(|x| x.as_i64()));
             AuthError::Expired {
                 what: "the access token".into(),
-                at: exp.map(|s| rfc3339(s * 1000)).unwrap_or_else(|| "an earlier time".into()),
+                at: exp
+                    .map(|s| rfc3339(s * 1000))
+                    .unwrap_or_else(|| "an earlier time".into()),
             }
         }
         ErrorKind::InvalidSignature => AuthError::InvalidToken(
@@ -335,15 +363,26 @@ pub fn explain_jwt_error(e: &jsonwebtoken::errors::Error, token: &str) -> AuthEr
             AuthError::InvalidToken(format!("audience {aud} is not accepted by this gateway"))
         }
         ErrorKind::InvalidIssuer => AuthError::InvalidToken("issuer is not trusted".into()),
-        ErrorKind::ImmatureSignature => AuthError::InvalidToken("token is not valid yet (nbf in the future); check the clocks".into()),
-        ErrorKind::MissingRequiredClaim(c) => AuthError::InvalidToken(format!("required claim `{c}` is missing")),
-        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::MissingAlgorithm => {
+        ErrorKind::ImmatureSignature => AuthError::InvalidToken(
+            "token is not valid yet (nbf in the future); check the clocks".into(),
+        ),
+        ErrorKind::MissingRequiredClaim(c) => {
+            AuthError::InvalidToken(format!("required claim `{c}` is missing"))
+        }
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::MissingAlgorithm => {
             AuthError::InvalidToken("the token's algorithm is not accepted here".into())
         }
-        ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) | ErrorKind::InvalidToken => {
+        ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_)
+        | ErrorKind::InvalidToken => {
             AuthError::Malformed("the token is not a well-formed JWT".into())
         }
-        ErrorKind::InvalidClaimFormat(c) => AuthError::InvalidToken(format!("claim `{c}` has the wrong type")),
+        ErrorKind::InvalidClaimFormat(c) => {
+            AuthError::InvalidToken(format!("claim `{c}` has the wrong type"))
+        }
         _ => AuthError::InvalidToken("the token could not be verified".into()),
     }
 }
