@@ -258,6 +258,8 @@ if ((!DIRECT_ONLY)); then
     done
     GW_READY_MS=$(((NOW_US - GW_T0) / 1000)).$(printf '%01d' $(((NOW_US - GW_T0) % 1000 / 100)))
     GW_URL="http://127.0.0.1:$GW_PORT/mcp"
+    # Authentication stays on (the default), so its cost is part of the figure.
+    GW_KEY=$(cat "$TMP/data/admin.key") || die "the gateway wrote no admin.key"
     nap 1 # let it settle before reading its idle footprint
     GW_RSS_KIB=$(awk '/^VmRSS:/ {print $2}' "/proc/$GW_PID/status" 2>/dev/null || true)
     [[ $GW_RSS_KIB =~ ^[0-9]+$ ]] || { show_log "$TMP/gateway.log"; die "gateway exited after becoming ready"; }
@@ -272,12 +274,14 @@ RESULTS=$TMP/results.jsonl
 # Appends one JSON line to $RESULTS (ROUND 0 = warm-up, not recorded).
 bench_run() {
     local target=$1 path=$2 c=$3 round=$4 duration=$5 requests=$6 warmup=$7 url tool pid out
+    local auth=()
     if [[ $path == direct ]]; then
         url=${DIRECT_URL[$target]} tool=echo pid=${DIRECT_PID[$target]}
     else
         url=$GW_URL tool=${GATEWAY_TOOL[$target]} pid=$GW_PID
+        auth=(--header "Authorization: Bearer $GW_KEY")
     fi
-    if ! out=$("${BENCH[@]}" --url "$url" --tool "$tool" --args "$CALL_ARGS" \
+    if ! out=$("${BENCH[@]}" --url "$url" --tool "$tool" --args "$CALL_ARGS" "${auth[@]}" \
         --concurrency "$c" --duration "$duration" --requests "$requests" \
         --warmup "$warmup" --pid "$pid" --json 2>"$TMP/bench.err"); then
         cat "$TMP/bench.err" >&2

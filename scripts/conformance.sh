@@ -60,6 +60,10 @@ data_dir = "$work/$1-data"
 [log]
 format = "json"
 level = "warn"
+# The conformance CLI cannot send credentials, so this local, loopback-only
+# gateway runs with authentication explicitly off (the local-dev setting).
+[auth]
+enabled = false
 $2
 TOML
   "$bin/meshgate" serve --config "$work/$1.toml" > "$work/$1.log" 2>&1 &

@@ -1437,3 +1437,73 @@ async fn with_auth_disabled_everything_is_open_and_the_gateway_says_so() {
         .await;
     assert_eq!(r["result"]["content"][0]["text"], "open", "{r}");
 }
+
+/// Serves `body` as JSON to every HTTP request on 127.0.0.1; returns the URL
+/// and a counter of requests served.
+async fn serve_json(body: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/jwks.json", listener.local_addr().expect("addr"));
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (url, hits)
+}
+
+#[tokio::test]
+async fn oauth_keys_are_fetched_from_the_issuers_jwks_url_once() {
+    let jwks = std::fs::read_to_string(fixture("oauth-jwks.json")).expect("jwks");
+    let (url, hits) = serve_json(jwks).await;
+    let env = Env::start_with(|c| {
+        c.toml(&format!(
+            "[[auth.oauth.issuers]]\nissuer = \"{ISSUER}\"\njwks_url = \"{url}\"\naudience = [\"{AUDIENCE}\"]\ntenant = \"default\"\nrole = \"viewer\"\n"
+        ))
+    })
+    .await;
+    let gw = &env.gw;
+    let claims = json!({"iss": ISSUER, "aud": AUDIENCE, "sub": "u2", "exp": now_secs() + 600, "scope": "mcp:read mcp:call"});
+    let token = sign_es256("oauth-trusted-es256.pem", &claims);
+    for _ in 0..3 {
+        let (s, me) = send(
+            &gw.client_with_key(&token),
+            reqwest::Method::GET,
+            &gw.url("/api/v1/auth/whoami"),
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{me}");
+        // A viewer issuer cannot hand out mcp:call, whatever the token says.
+        assert_eq!(me["scopes"], json!(["mcp:read"]), "{me}");
+    }
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the key set is cached"
+    );
+    let (s, raw) = initialize_as(gw, &token).await;
+    assert_eq!(s, StatusCode::OK);
+    let r = raw
+        .expect("session")
+        .request(
+            "tools/call",
+            json!({"name": "fx__echo", "arguments": {"message": "x"}}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], -32003, "{r}");
+}
