@@ -417,11 +417,12 @@ impl GatewayHandler {
     /// matters (subscriptions).
     async fn forward_for_uri(
         &self,
+        method: &str,
         uri: &str,
         ctx: &RequestContext<RoleServer>,
         build: impl FnOnce(String) -> ClientRequest,
     ) -> Result<(), McpError> {
-        let p = self.caller(ctx, scope::MCP_READ, "resources/subscribe")?;
+        let p = self.caller(ctx, scope::MCP_READ, method)?;
         let (idx, original) = self.route_visible_uri(uri, &p)?;
         self.forward(idx, build(original), ctx).await.map(|_| ())
     }
@@ -965,7 +966,7 @@ impl ServerHandler for GatewayHandler {
         ctx: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
         let uri = std::mem::take(&mut request.uri);
-        self.forward_for_uri(&uri, &ctx, |original| {
+        self.forward_for_uri("resources/subscribe", &uri, &ctx, |original| {
             request.uri = original;
             ClientRequest::SubscribeRequest(SubscribeRequest::new(request))
         })
@@ -978,7 +979,7 @@ impl ServerHandler for GatewayHandler {
         ctx: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
         let uri = std::mem::take(&mut request.uri);
-        self.forward_for_uri(&uri, &ctx, |original| {
+        self.forward_for_uri("resources/unsubscribe", &uri, &ctx, |original| {
             request.uri = original;
             ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(request))
         })

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use super::audit::entry;
 use super::middleware::{RequestPrincipal, TokenFamily, TraceId, auth_error_response};
 use super::tokens::{RefreshOutcome, describe, rotate};
-use super::{Auth, AuthError, NewKey, check_key_live, create_key, rfc3339};
+use super::{Auth, AuthError, NewKey, create_key, rfc3339};
 
 /// An API error: status, machine reason, message.
 pub struct ApiError(StatusCode, &'static str, String);
@@ -424,7 +424,7 @@ async fn refresh(
         auth.record_failure(&client, &e);
         auth_error_response(&auth, &headers, &e)
     };
-    match rotate(&auth.tokens, &auth, &req.refresh_token).await {
+    match rotate(&auth, &req.refresh_token).await {
         Ok(RefreshOutcome::Rotated(pair, key)) => {
             auth.record_success(&client);
             let who = Principal {
@@ -478,7 +478,7 @@ async fn refresh(
             auth.audit.record(e).await;
             fail(AuthError::Revoked {
                 what: "this refresh token had already been used, so it may be stolen; every token of this login".into(),
-                at: rfc3339(now_ms()),
+                when: format!("at {}", rfc3339(now_ms())),
             })
         }
         Err(e) => fail(e),
@@ -648,9 +648,4 @@ async fn resource_metadata(State(auth): State<Arc<Auth>>, headers: HeaderMap) ->
         "bearer_methods_supported": ["header"],
         "resource_name": "meshgate MCP gateway",
     }))
-}
-
-/// Checks a stored key is still usable (re-exported for the CLI).
-pub fn key_is_live(record: &ApiKeyRecord) -> bool {
-    check_key_live(record, now_ms()).is_ok()
 }

@@ -212,3 +212,69 @@ pub async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next:
         .insert(RequestPrincipal(Arc::new(principal)));
     next.run(req).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_family_needs_its_scope() {
+        let table = [
+            (Method::POST, "/mcp", Some(scope::MCP_READ)),
+            (Method::GET, "/sse", Some(scope::MCP_READ)),
+            (Method::POST, "/messages", Some(scope::MCP_READ)),
+            (Method::GET, "/metrics", Some(scope::METRICS_READ)),
+            (Method::GET, "/health/store", Some(scope::METRICS_READ)),
+            (Method::GET, "/api/v1/auth/keys", Some(scope::KEYS_READ)),
+            (Method::POST, "/api/v1/auth/keys", Some(scope::KEYS_WRITE)),
+            (
+                Method::DELETE,
+                "/api/v1/auth/keys/key_1",
+                Some(scope::KEYS_WRITE),
+            ),
+            (
+                Method::PATCH,
+                "/api/v1/auth/keys/key_1",
+                Some(scope::KEYS_WRITE),
+            ),
+            (Method::GET, "/api/v1/audit", Some(scope::AUDIT_READ)),
+            (Method::GET, "/api/v1/auth/whoami", None),
+            (Method::POST, "/api/v1/auth/token", None),
+        ];
+        for (m, path, want) in table {
+            assert_eq!(route_scope(&m, path), want, "{m} {path}");
+        }
+        for public in [
+            "/health",
+            "/ready",
+            "/.well-known/oauth-protected-resource",
+            "/api/v1/auth/refresh",
+        ] {
+            assert!(is_public(public), "{public}");
+        }
+        for private in ["/health/store", "/healthz", "/mcp", "/api/v1/auth/token"] {
+            assert!(!is_public(private), "{private}");
+        }
+    }
+
+    #[test]
+    fn credentials_are_read_from_bearer_or_x_api_key_with_reasons() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented(&h), Ok(None));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer  mg_abc "),
+        );
+        assert_eq!(presented(&h), Ok(Some("mg_abc".into())));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic dXNlcjpwYXNz"),
+        );
+        assert!(presented(&h).unwrap_err().to_string().contains("Basic"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer"));
+        assert!(presented(&h).unwrap_err().to_string().contains("no token"));
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("mg_key"));
+        assert_eq!(presented(&h), Ok(Some("mg_key".into())));
+    }
+}

@@ -55,12 +55,12 @@ pub enum AuthError {
         prefix: String,
     },
     /// A revoked API key or token.
-    #[error("{what} was revoked at {at}; use another credential")]
+    #[error("{what} was revoked {when}; use another credential")]
     Revoked {
         /// What was revoked.
         what: String,
-        /// When (RFC 3339).
-        at: String,
+        /// When or why (`at 2026-…Z`, or the event that revoked it).
+        when: String,
     },
     /// An expired API key or token.
     #[error("{what} expired at {at}; get a new one")]
@@ -531,9 +531,10 @@ impl Auth {
         let record = self
             .cached_key(format!("i:{id}"), false)
             .await?
-            .ok_or_else(|| AuthError::Revoked {
-                what: format!("the API key `{id}` behind this token"),
-                at: "deletion".into(),
+            .ok_or_else(|| {
+                AuthError::InvalidToken(format!(
+                    "the API key `{id}` this token was issued for no longer exists"
+                ))
             })?;
         check_key_live(&record, now_ms())?;
         Ok(record)
@@ -592,8 +593,8 @@ impl Auth {
             let claims = self.tokens.verify(token)?;
             if self.family_revoked(&claims.fam) {
                 return Err(AuthError::Revoked {
-                    what: "this access token (its login was logged out, or a refresh token was reused)".into(),
-                    at: "an earlier time".into(),
+                    what: "this access token".into(),
+                    when: "with its login (logout, revocation of its key, or reuse of one of its refresh tokens)".into(),
                 });
             }
             let key = self.live_key_by_id(&claims.sub).await?;
@@ -631,7 +632,7 @@ pub fn check_key_live(record: &ApiKeyRecord, now: i64) -> Result<(), AuthError> 
     if let Some(at) = record.revoked_at {
         return Err(AuthError::Revoked {
             what: format!("API key `{}` ({})", record.id, record.name),
-            at: rfc3339(at),
+            when: format!("at {}", rfc3339(at)),
         });
     }
     if let Some(at) = record.expires_at

@@ -174,11 +174,9 @@ impl OAuthVerifier {
                 "issuer `{iss}` is not trusted by this gateway (auth.oauth.issuers)"
             )));
         };
-        let alg = check_header_alg(token, ASYMMETRIC)?;
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| explain_jwt_error(&e, token))?;
+        let header = check_header_alg(token, ASYMMETRIC)?;
         let key = self.key_for(issuer, header.kid.as_deref()).await?;
-        let mut v = Validation::new(alg);
+        let mut v = Validation::new(header.alg);
         v.leeway = self.leeway;
         v.set_issuer(&[&issuer.config.issuer]);
         v.set_audience(&issuer.config.audience);

@@ -210,11 +210,7 @@ pub enum RefreshOutcome {
 /// Rotates a refresh token: the presented one is used up (atomically) and a
 /// new pair in the same family is issued. A token presented a second time
 /// revokes its whole family, since someone else has it too.
-pub async fn rotate(
-    issuer: &TokenIssuer,
-    auth: &super::Auth,
-    presented: &str,
-) -> Result<RefreshOutcome, AuthError> {
+pub async fn rotate(auth: &super::Auth, presented: &str) -> Result<RefreshOutcome, AuthError> {
     if !presented.starts_with(REFRESH_PREFIX) || presented.len() != REFRESH_PREFIX.len() + 43 {
         return Err(AuthError::Malformed(
             "refresh_token must be the `mgr_…` value returned by /api/v1/auth/token or /api/v1/auth/refresh".into(),
@@ -234,8 +230,8 @@ pub async fn rotate(
     let now = now_ms();
     if let Some(at) = record.revoked_at {
         return Err(AuthError::Revoked {
-            what: "this refresh token (logout, key revocation or reuse)".into(),
-            at: rfc3339(at),
+            what: "this refresh token".into(),
+            when: format!("at {} (logout, key revocation or reuse)", rfc3339(at)),
         });
     }
     if record.expires_at <= now {
@@ -262,7 +258,7 @@ pub async fn rotate(
         });
     }
     let key = auth.live_key_by_id(&record.key_id).await?;
-    let pair = issuer.pair(store, &key, &record.family).await?;
+    let pair = auth.tokens.pair(store, &key, &record.family).await?;
     Ok(RefreshOutcome::Rotated(pair, Box::new(key)))
 }
 
@@ -319,10 +315,10 @@ fn decode_json_part(part: &str, what: &str) -> Result<serde_json::Value, AuthErr
 /// Refuses a token whose header names an algorithm outside `allowed` (for
 /// example an HS256 token presented where only RS256 is trusted, the classic
 /// key-confusion attack).
-pub fn check_header_alg(token: &str, allowed: &[Algorithm]) -> Result<Algorithm, AuthError> {
+pub fn check_header_alg(token: &str, allowed: &[Algorithm]) -> Result<Header, AuthError> {
     let header = jsonwebtoken::decode_header(token).map_err(|e| explain_jwt_error(&e, token))?;
     if allowed.contains(&header.alg) {
-        Ok(header.alg)
+        Ok(header)
     } else {
         Err(AuthError::InvalidToken(format!(
             "algorithm {:?} is not accepted here (accepted: {})",
@@ -387,7 +383,7 @@ pub fn explain_jwt_error(e: &jsonwebtoken::errors::Error, token: &str) -> AuthEr
     }
 }
 
-/// The principal's family, for logout (only gateway tokens have one).
+/// A principal as `/api/v1/auth/whoami` shows it.
 pub fn describe(p: &Principal) -> serde_json::Value {
     serde_json::json!({
         "subject": p.subject,
@@ -397,4 +393,119 @@ pub fn describe(p: &Principal) -> serde_json::Value {
         "key_id": p.key_id,
         "credential": p.kind.as_str(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn part(v: &serde_json::Value) -> String {
+        URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    #[test]
+    fn unsigned_and_malformed_tokens_are_named() {
+        let none = format!(
+            "{}.{}.",
+            part(&serde_json::json!({"alg": "none"})),
+            part(&serde_json::json!({"iss": "x"}))
+        );
+        assert!(
+            unverified_issuer(&none)
+                .unwrap_err()
+                .to_string()
+                .contains("alg: none")
+        );
+        let none_upper = format!(
+            "{}.{}.sig",
+            part(&serde_json::json!({"alg": "NONE"})),
+            part(&serde_json::json!({"iss": "x"}))
+        );
+        assert!(unverified_issuer(&none_upper).is_err());
+        assert!(
+            unverified_issuer("a.b")
+                .unwrap_err()
+                .to_string()
+                .contains("got 2")
+        );
+        assert!(
+            unverified_issuer("!!.!!.!!")
+                .unwrap_err()
+                .to_string()
+                .contains("base64url")
+        );
+        let ok = format!(
+            "{}.{}.sig",
+            part(&serde_json::json!({"alg": "ES256"})),
+            part(&serde_json::json!({"iss": "https://idp"}))
+        );
+        assert_eq!(
+            unverified_issuer(&ok).unwrap().as_deref(),
+            Some("https://idp")
+        );
+    }
+
+    #[test]
+    fn issued_tokens_verify_and_tampering_is_detected() {
+        let dir = std::env::temp_dir().join(format!(
+            "meshgate-tokens-{}-{}",
+            std::process::id(),
+            now_ms()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let issuer = TokenIssuer::load_or_create(&dir, &AuthConfig::default()).unwrap();
+        let again = TokenIssuer::load_or_create(&dir, &AuthConfig::default()).unwrap();
+        let key = ApiKeyRecord {
+            id: "key_1".into(),
+            hash: "h".into(),
+            prefix: "mg_x".into(),
+            name: "n".into(),
+            tenant: "t".into(),
+            role: "developer".into(),
+            scopes: vec!["mcp:read".into()],
+            created_at: 0,
+            created_by: "test".into(),
+            expires_at: None,
+            revoked_at: None,
+            rate_limit_per_minute: None,
+            last_used_at: None,
+        };
+        let (token, ttl) = issuer.sign(&key, "fam_1").unwrap();
+        assert_eq!(ttl, 900);
+        let claims = again.verify(&token).expect("the secret file is reused");
+        assert_eq!(
+            (
+                claims.sub.as_str(),
+                claims.tenant.as_str(),
+                claims.fam.as_str()
+            ),
+            ("key_1", "t", "fam_1")
+        );
+        let mut parts: Vec<&str> = token.split('.').collect();
+        let forged = part(
+            &serde_json::json!({"iss": "meshgate", "aud": "meshgate", "sub": "key_1", "tenant": "other", "role": "admin", "scope": "", "iat": 0, "nbf": 0, "exp": 4_000_000_000u64, "jti": "x", "fam": "f"}),
+        );
+        parts[1] = &forged;
+        let err = issuer.verify(&parts.join(".")).unwrap_err();
+        assert!(
+            err.to_string().contains("signature does not verify"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    proptest! {
+        #[test]
+        fn any_bearer_string_gets_a_value_or_a_reason(s in ".{0,200}") {
+            let _ = unverified_issuer(&s);
+        }
+
+        #[test]
+        fn any_three_part_token_gets_a_value_or_a_reason(a in "[A-Za-z0-9_-]{0,60}", b in "[A-Za-z0-9_-]{0,60}", c in "[A-Za-z0-9_-]{0,20}") {
+            let t = format!("{a}.{b}.{c}");
+            let _ = unverified_issuer(&t);
+            let _ = check_header_alg(&t, &[Algorithm::HS256]);
+        }
+    }
 }
