@@ -1271,6 +1271,24 @@ async fn the_audit_log_records_calls_and_key_changes_with_filters_and_paging() {
         ids.windows(2).all(|w| w[0] > w[1]),
         "newest first, no overlap: {ids:?}"
     );
+    // The key records its last use.
+    let (_, k) = send(
+        &gw.client(),
+        reqwest::Method::GET,
+        &gw.url(&format!("/api/v1/auth/keys/{dev_id}")),
+        None,
+    )
+    .await;
+    assert!(
+        k["last_used_at"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("20")),
+        "{k}"
+    );
+    assert!(
+        k.get("hash").is_none() && k.get("key").is_none(),
+        "never the key or its hash: {k}"
+    );
     // Key changes.
     let (_, changes) = send(
         &gw.client(),
