@@ -207,6 +207,10 @@ pub struct LockoutConfig {
     pub window_secs: u64,
     /// How long a locked-out client is refused, in seconds.
     pub lockout_secs: u64,
+    /// Addresses of reverse proxies in front of the gateway. For requests
+    /// from them, the client is the last address in `X-Forwarded-For` that is
+    /// not itself a trusted proxy; otherwise it is the peer address.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for LockoutConfig {
@@ -215,6 +219,7 @@ impl Default for LockoutConfig {
             max_failures: 5,
             window_secs: 60,
             lockout_secs: 900,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -626,6 +631,15 @@ impl Config {
                 &a.clock_skew_secs.to_string(),
                 "must be at most 600 (ten minutes); fix the clocks instead",
             ));
+        }
+        for (i, p) in a.lockout.trusted_proxies.iter().enumerate() {
+            if p.parse::<std::net::IpAddr>().is_err() {
+                errors.push(invalid(
+                    &format!("auth.lockout.trusted_proxies[{i}]"),
+                    p,
+                    "must be an IP address such as 10.0.0.5 or ::1",
+                ));
+            }
         }
         if let Err(e) = ToolPolicy::new(&a.tool_rules) {
             errors.push(invalid("auth.tool_rules", "", &e));

@@ -401,9 +401,11 @@ async fn refresh(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let client = connect
-        .map(|c| c.0.0.ip().to_string())
-        .unwrap_or_else(|| "unknown".into());
+    let client = super::middleware::client_address(
+        connect.map(|c| c.0.0.ip()),
+        &headers,
+        &auth.trusted_proxies,
+    );
     if !auth.enabled() {
         return ApiError(
             StatusCode::BAD_REQUEST,

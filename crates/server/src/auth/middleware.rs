@@ -56,12 +56,39 @@ pub fn route_scope(method: &Method, path: &str) -> Option<&'static str> {
     None
 }
 
-/// The client address lockout is counted against.
-fn client_of(req: &Request) -> String {
-    req.extensions()
+/// The client address lockout is counted against: the peer, or, when the
+/// peer is a trusted proxy, the last `X-Forwarded-For` hop that is not one.
+pub fn client_address(
+    peer: Option<std::net::IpAddr>,
+    headers: &HeaderMap,
+    trusted: &[std::net::IpAddr],
+) -> String {
+    let Some(peer) = peer else {
+        return "unknown".into();
+    };
+    if !trusted.contains(&peer) {
+        return peer.to_string();
+    }
+    let hops: Vec<std::net::IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|h| h.trim().parse().ok())
+        .collect();
+    hops.into_iter()
+        .rev()
+        .find(|h| !trusted.contains(h))
+        .unwrap_or(peer)
+        .to_string()
+}
+
+fn client_of(auth: &Auth, req: &Request) -> String {
+    let peer = req
+        .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_else(|| "unknown".into())
+        .map(|c| c.0.ip());
+    client_address(peer, req.headers(), &auth.trusted_proxies)
 }
 
 /// The credential presented, if any: `Authorization: Bearer` or `X-API-Key`.
@@ -175,7 +202,7 @@ pub async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next:
             ))));
         return next.run(req).await;
     }
-    let client = client_of(&req);
+    let client = client_of(&auth, &req);
     if let Err(e) = auth.check_lockout(&client) {
         metrics::counter!("auth_failures_total", "reason" => e.reason()).increment(1);
         return auth_error_response(&auth, req.headers(), &e);
@@ -255,6 +282,28 @@ mod tests {
         for private in ["/health/store", "/healthz", "/mcp", "/api/v1/auth/token"] {
             assert!(!is_public(private), "{private}");
         }
+    }
+
+    #[test]
+    fn lockout_client_is_the_peer_unless_a_trusted_proxy_forwarded_it() {
+        let proxy: std::net::IpAddr = "10.0.0.5".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 1.2.3.4, 10.0.0.5"),
+        );
+        // An untrusted peer's header is ignored: it could say anything.
+        assert_eq!(
+            client_address(Some("9.9.9.9".parse().unwrap()), &h, &[proxy]),
+            "9.9.9.9"
+        );
+        // Through the trusted proxy: the last hop it did not add itself.
+        assert_eq!(client_address(Some(proxy), &h, &[proxy]), "1.2.3.4");
+        assert_eq!(
+            client_address(Some(proxy), &HeaderMap::new(), &[proxy]),
+            "10.0.0.5"
+        );
+        assert_eq!(client_address(None, &h, &[proxy]), "unknown");
     }
 
     #[test]

@@ -320,6 +320,8 @@ pub struct Auth {
     pub resource: Option<String>,
     /// Who opened each MCP session: (tenant, subject), mirrored in the store.
     session_owners: Mutex<HashMap<String, (String, String)>>,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (lockout).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Auth {
@@ -358,6 +360,12 @@ impl Auth {
             touched: Mutex::new(HashMap::new()),
             resource: a.oauth.resource.clone(),
             session_owners: Mutex::new(HashMap::new()),
+            trusted_proxies: a
+                .lockout
+                .trusted_proxies
+                .iter()
+                .filter_map(|p| p.parse().ok())
+                .collect(),
         }))
     }
 
