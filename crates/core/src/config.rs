@@ -274,7 +274,8 @@ fn default_oauth_role() -> Role {
 #[serde(default, deny_unknown_fields)]
 pub struct OAuthConfig {
     /// This gateway's canonical resource URI (RFC 9728 `resource`), e.g.
-    /// `https://mcp.example.com/mcp`. Default: `http://<listen>/mcp`.
+    /// `https://mcp.example.com/mcp`. Default: `http://<Host header>/mcp`;
+    /// set it when clients reach the gateway over TLS or through a proxy.
     pub resource: Option<String>,
     /// Trusted issuers.
     pub issuers: Vec<OAuthIssuerConfig>,
@@ -645,6 +646,26 @@ impl Config {
             errors.push(invalid("auth.tool_rules", "", &e));
         }
         for (i, r) in a.tool_rules.iter().enumerate() {
+            if let Some(t) = &r.tenant
+                && !valid_tenant(t)
+            {
+                errors.push(invalid(
+                    &format!("auth.tool_rules[{i}].tenant"),
+                    t,
+                    TENANT_RULE,
+                ));
+            }
+            if let Some(k) = &r.key
+                && !(k.starts_with("key_")
+                    && k.len() == 20
+                    && k[4..].bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                errors.push(invalid(
+                    &format!("auth.tool_rules[{i}].key"),
+                    k,
+                    "must be a key id such as key_0123456789abcdef (see `meshgate keys list`), not the key itself",
+                ));
+            }
             if r.tools.is_empty() {
                 errors.push(invalid(
                     &format!("auth.tool_rules[{i}].tools"),
@@ -785,6 +806,28 @@ mod tests {
             });
         }
         assert!(c.validate().unwrap_err().to_string().contains("unique"));
+    }
+
+    #[test]
+    fn auth_settings_are_validated_with_their_keys() {
+        let c = Config::from_toml(
+            "[auth]\naccess_token_ttl_secs = 0\n[auth.lockout]\ntrusted_proxies = [\"proxy.local\"]\n\
+             [[auth.tool_rules]]\neffect = \"deny\"\ntools = [\"x\"]\nkey = \"mg_secret\"\ntenant = \"a b\"\n\
+             [[auth.oauth.issuers]]\nissuer = \"https://idp\"\naudience = []\n",
+            "m.toml",
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        for needle in [
+            "auth.access_token_ttl_secs",
+            "auth.lockout.trusted_proxies[0]",
+            "auth.tool_rules[0].key",
+            "auth.tool_rules[0].tenant",
+            "auth.oauth.issuers[0].jwks_url",
+            "auth.oauth.issuers[0].audience",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from: {err}");
+        }
     }
 
     #[test]

@@ -149,9 +149,17 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// Relative stdio `cwd` entries are relative to the config file's folder.
+/// Relative stdio `cwd` entries and `jwks_file` paths are relative to the
+/// config file's folder.
 fn resolve_relative(config: &mut Config, file: &Path) {
     let base = file.parent().unwrap_or(Path::new("."));
+    for issuer in &mut config.auth.oauth.issuers {
+        if let Some(f) = &issuer.jwks_file
+            && f.is_relative()
+        {
+            issuer.jwks_file = Some(base.join(f));
+        }
+    }
     for up in &mut config.upstreams {
         if let Some(cwd) = &up.cwd
             && cwd.is_relative()

@@ -700,20 +700,13 @@ impl ServerHandler for GatewayHandler {
             .enable_logging()
             .enable_completions()
             .build();
-        let names: Vec<&str> = self
-            .gw
-            .upstreams
-            .iter()
-            .filter(|u| u.config.enabled)
-            .map(|u| u.config.name.as_str())
-            .collect();
         InitializeResult::new(capabilities)
             .with_server_info(Implementation::new("meshgate", env!("CARGO_PKG_VERSION")))
             .with_protocol_version(ProtocolVersion::V_2025_11_25)
-            .with_instructions(format!(
-                "meshgate MCP gateway federating upstreams: {}",
-                names.join(", ")
-            ))
+            // No upstream names here: this text goes to every tenant.
+            .with_instructions(
+                "meshgate MCP gateway: tools, prompts and resources of several upstream MCP servers, named <upstream>__<name> and <upstream>+<uri>; call meshgate_status for the upstreams you can use and their health",
+            )
     }
 
     fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {

@@ -323,16 +323,38 @@ async fn store_json(gw: &Gateway) -> (bool, Value) {
     }
 }
 
-async fn health(State(s): State<AppState>) -> Response {
-    let (store_ok, store) = store_json(&s.gw).await;
+/// `GET /health`: public, so without credentials it says only how many
+/// components are up; a caller holding `metrics:read` gets every component's
+/// details (names, errors), as on `/health/{component}`.
+async fn health(State(s): State<AppState>, req: Request) -> Response {
+    let client = crate::auth::middleware::client_of(&s.auth, &req);
+    let detailed = s
+        .auth
+        .optional_principal(req.headers(), &client)
+        .await
+        .is_some_and(|p| p.has_scope(meshgate_core::auth::scope::METRICS_READ));
+    let (store_ok, mut store) = store_json(&s.gw).await;
     let mut upstreams = serde_json::Map::new();
-    let mut degraded = false;
+    let (mut up_count, mut down_count) = (0, 0);
     for up in &s.gw.upstreams {
         if let Some((ok, v)) = upstream_json(&s.gw, &up.config.name) {
-            degraded |= !ok;
+            if ok {
+                up_count += 1;
+            } else {
+                down_count += 1;
+            }
             upstreams.insert(up.config.name.clone(), v);
         }
     }
+    let degraded = down_count > 0;
+    let upstreams = if detailed {
+        Value::Object(upstreams)
+    } else {
+        if let Some(m) = store.as_object_mut() {
+            m.retain(|k, _| k == "status" || k == "backend");
+        }
+        json!({"healthy": up_count, "unhealthy": down_count, "details": "send a credential with scope metrics:read for names and errors"})
+    };
     let status = if !store_ok {
         "down"
     } else if degraded {

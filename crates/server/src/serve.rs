@@ -86,6 +86,7 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
     } else {
         tracing::warn!("{}", crate::http::AUTH_DISABLED_WARNING);
     }
+    let audit = auth.audit.clone();
     let gw = Gateway::start(config, store, shutdown.clone())?;
     let app = router(AppState {
         gw: gw.clone(),
@@ -121,7 +122,13 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
     .with_graceful_shutdown(async move { drain.cancelled().await });
     let served = tokio::spawn(async move { server.await });
     shutdown.cancelled().await;
-    match tokio::time::timeout(grace, served).await {
+    let result = tokio::time::timeout(grace, served).await;
+    if !audit.flush(Duration::from_secs(5)).await {
+        tracing::warn!(
+            "the audit log could not be flushed within 5 s; the newest entries may be missing"
+        );
+    }
+    match result {
         Ok(Ok(Ok(()))) => tracing::info!("drained; bye"),
         Ok(Ok(Err(e))) => return Err(e).context("server error"),
         Ok(Err(e)) => return Err(anyhow::anyhow!("server task failed: {e}")),

@@ -139,6 +139,15 @@ async fn first_start_writes_an_admin_key_and_only_health_ready_and_well_known_ar
         let (status, _) = send(&anonymous, reqwest::Method::GET, &gw.url(path), None).await;
         assert_eq!(status, StatusCode::OK, "{path} is public");
     }
+    // Public health says how many upstreams are up, not which or why.
+    let (_, health) = send(&anonymous, reqwest::Method::GET, &gw.url("/health"), None).await;
+    assert_eq!(health["components"]["upstreams"]["healthy"], 2, "{health}");
+    assert!(!health.to_string().contains("fxs"), "{health}");
+    let (_, health) = gw.get_json("/health").await;
+    assert_eq!(
+        health["components"]["upstreams"]["fxs"]["status"], "up",
+        "{health}"
+    );
     for (method, path) in [
         (reqwest::Method::POST, "/mcp"),
         (reqwest::Method::GET, "/sse"),
@@ -1307,6 +1316,30 @@ async fn the_audit_log_records_calls_and_key_changes_with_filters_and_paging() {
         actions.contains(&"key.create") && actions.contains(&"key.update"),
         "{changes}"
     );
+    // A tenant admin cannot disarm a more powerful key (the bootstrap key holds tenants:*).
+    let (tenant_admin, _) = create_key(gw, json!({"name": "tenant admin", "role": "admin"})).await;
+    let (_, me) = send(
+        &gw.client(),
+        reqwest::Method::GET,
+        &gw.url("/api/v1/auth/whoami"),
+        None,
+    )
+    .await;
+    let boot_id = me["key_id"].as_str().expect("key id").to_owned();
+    let (s, b) = send(
+        &gw.client_with_key(&tenant_admin),
+        reqwest::Method::DELETE,
+        &gw.url(&format!("/api/v1/auth/keys/{boot_id}")),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("tenants:*")),
+        "{b}"
+    );
     // Bad filters are named.
     let (s, b) = send(
         &gw.client(),
@@ -1524,4 +1557,31 @@ async fn oauth_keys_are_fetched_from_the_issuers_jwks_url_once() {
         )
         .await;
     assert_eq!(r["error"]["code"], -32003, "{r}");
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_writes_every_queued_audit_entry() {
+    let mut env = Env::start().await;
+    let (_, raw) = initialize_as(&env.gw, &env.gw.admin_key.clone()).await;
+    let raw = raw.expect("session");
+    for i in 0..20 {
+        let r = raw
+            .request(
+                "tools/call",
+                json!({"name": "fx__echo", "arguments": {"message": format!("n{i}")}}),
+            )
+            .await;
+        assert!(r.get("result").is_some(), "{r}");
+    }
+    assert!(env.gw.terminate_and_restart().await, "SIGTERM exits 0");
+    let (s, audit) = env
+        .gw
+        .get_json("/api/v1/audit?action=tool.call&limit=100")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{audit}");
+    assert_eq!(
+        audit["entries"].as_array().map(Vec::len),
+        Some(20),
+        "{audit}"
+    );
 }

@@ -448,6 +448,31 @@ impl Gateway {
         }
     }
 
+    /// Stops the process with SIGTERM (a graceful shutdown), waits for it to
+    /// exit, and starts it again; returns the exit status's success.
+    pub async fn terminate_and_restart(&mut self) -> bool {
+        let mut child = self.child.take().expect("the gateway is running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let exited = loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                break s.success();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not exit within 15 s of SIGTERM; its log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.spawn().await;
+        exited
+    }
+
     /// Kills the process and starts it again with the same configuration,
     /// data directory and port.
     pub async fn restart(&mut self) {

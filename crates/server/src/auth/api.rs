@@ -169,6 +169,25 @@ fn default_role() -> String {
     "developer".into()
 }
 
+/// A caller may change or revoke only keys whose scopes it holds itself, so a
+/// tenant admin cannot disarm a more powerful key (one holding `tenants:*`).
+fn check_may_change(p: &Principal, target: &ApiKeyRecord) -> Result<(), ApiError> {
+    if p.key_id.as_deref() == Some(target.id.as_str()) {
+        return Ok(());
+    }
+    if let Some(s) = target.scopes.iter().find(|s| !p.has_scope(s)) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "key_more_privileged",
+            format!(
+                "key `{}` holds scope `{s}`, which your credential does not; only a credential holding all its scopes may change or revoke it",
+                target.id
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A caller may hand out only scopes it holds itself.
 fn check_grant(p: &Principal, scopes: &[String]) -> Result<(), ApiError> {
     if let Some(s) = scopes.iter().find(|s| !p.has_scope(s)) {
@@ -292,6 +311,7 @@ async fn patch_key(
 ) -> Result<Json<Value>, ApiError> {
     let req: PatchKey = parse_body(&body, "patch key (only `scopes` can change)")?;
     let record = visible_key(&auth, &p, &id).await?;
+    check_may_change(&p, &record)?;
     let role = Role::parse(&record.role)
         .ok_or_else(|| bad(format!("stored role `{}` is unknown", record.role)))?;
     let scopes = resolve_scopes(role, Some(&req.scopes)).map_err(bad)?;
@@ -326,6 +346,7 @@ async fn revoke_key(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let record = visible_key(&auth, &p, &id).await?;
+    check_may_change(&p, &record)?;
     let now = now_ms();
     let revoked = auth
         .store
@@ -415,6 +436,7 @@ async fn refresh(
         .into_response();
     }
     if let Err(e) = auth.check_lockout(&client) {
+        metrics::counter!("auth_failures_total", "reason" => e.reason()).increment(1);
         return auth_error_response(&auth, &headers, &e);
     }
     let req: RefreshBody = match parse_body(&body, "refresh (send {\"refresh_token\": \"mgr_…\"})")

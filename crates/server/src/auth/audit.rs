@@ -1,7 +1,8 @@
 //! The audit log writer: entries go over a bounded queue to one task that
 //! writes them in batches (one transaction per batch), so a tool call never
 //! waits on the database; a full queue makes the caller wait rather than lose
-//! an entry. A second task applies the retention policy hourly.
+//! an entry, and shutdown waits for the queue to drain ([`Audit::flush`]). A
+//! second task applies the retention policy hourly.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +18,17 @@ const QUEUE: usize = 8192;
 /// Entries written per transaction, at most.
 const BATCH: usize = 512;
 
+/// What the writer task receives.
+enum Message {
+    Entry(AuditRecord),
+    /// Answered once everything queued before it is written.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// Handle to the audit writer.
 #[derive(Clone)]
 pub struct Audit {
-    tx: mpsc::Sender<AuditRecord>,
+    tx: mpsc::Sender<Message>,
 }
 
 impl Audit {
@@ -38,16 +46,27 @@ impl Audit {
 
     /// Queues an entry; waits for room when the queue is full.
     pub async fn record(&self, record: AuditRecord) {
-        match self.tx.try_send(record) {
+        match self.tx.try_send(Message::Entry(record)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(r)) => {
                 metrics::counter!("audit_queue_full_total").increment(1);
                 let _ = self.tx.send(r).await;
             }
-            Err(mpsc::error::TrySendError::Closed(r)) => {
-                tracing::error!(action = %r.action, target = %r.target, "audit writer is gone; entry logged here instead");
+            Err(mpsc::error::TrySendError::Closed(Message::Entry(r))) => {
+                tracing::error!(tenant = %r.tenant, actor = %r.actor, action = %r.action, target = %r.target, outcome = %r.outcome, "audit writer is gone; entry logged here instead");
             }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+
+    /// Waits (up to `limit`) until every entry queued so far is written; used
+    /// on shutdown so that the last calls are not lost.
+    pub async fn flush(&self, limit: Duration) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Message::Flush(tx)).await.is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(limit, rx).await, Ok(Ok(())))
     }
 
     /// Queues an entry from synchronous code (lockout): never blocks; a full
@@ -74,7 +93,7 @@ impl Audit {
             trace_id: None,
             detail,
         };
-        if let Err(mpsc::error::TrySendError::Full(r)) = self.tx.try_send(record) {
+        if let Err(mpsc::error::TrySendError::Full(r)) = self.tx.try_send(Message::Entry(record)) {
             let tx = self.tx.clone();
             tokio::spawn(async move {
                 let _ = tx.send(r).await;
@@ -108,30 +127,49 @@ pub fn entry(
     }
 }
 
-async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<AuditRecord>) {
+async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Message>) {
+    let mut messages = Vec::with_capacity(BATCH);
     let mut batch = Vec::with_capacity(BATCH);
     loop {
-        batch.clear();
-        if rx.recv_many(&mut batch, BATCH).await == 0 {
+        messages.clear();
+        if rx.recv_many(&mut messages, BATCH).await == 0 {
             return;
         }
-        let mut delay = Duration::from_millis(50);
-        for attempt in 1..=5 {
-            match store.append_audit(&batch).await {
-                Ok(()) => {
-                    metrics::counter!("audit_entries_written_total").increment(batch.len() as u64);
-                    break;
-                }
-                Err(e) if attempt < 5 => {
-                    tracing::warn!(error = %e, attempt, entries = batch.len(), "audit write failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-                Err(e) => {
-                    metrics::counter!("audit_write_failures_total").increment(batch.len() as u64);
-                    for r in &batch {
-                        tracing::error!(error = %e, tenant = %r.tenant, actor = %r.actor, action = %r.action, target = %r.target, outcome = %r.outcome, "audit entry could not be stored");
-                    }
+        batch.clear();
+        let mut flushes = Vec::new();
+        for m in messages.drain(..) {
+            match m {
+                Message::Entry(r) => batch.push(r),
+                Message::Flush(done) => flushes.push(done),
+            }
+        }
+        write_batch(store.as_ref(), &batch).await;
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+}
+
+async fn write_batch(store: &dyn Store, batch: &[AuditRecord]) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=5 {
+        match store.append_audit(batch).await {
+            Ok(()) => {
+                metrics::counter!("audit_entries_written_total").increment(batch.len() as u64);
+                break;
+            }
+            Err(e) if attempt < 5 => {
+                tracing::warn!(error = %e, attempt, entries = batch.len(), "audit write failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => {
+                metrics::counter!("audit_write_failures_total").increment(batch.len() as u64);
+                for r in batch {
+                    tracing::error!(error = %e, tenant = %r.tenant, actor = %r.actor, action = %r.action, target = %r.target, outcome = %r.outcome, "audit entry could not be stored");
                 }
             }
         }

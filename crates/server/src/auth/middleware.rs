@@ -83,7 +83,8 @@ pub fn client_address(
         .to_string()
 }
 
-fn client_of(auth: &Auth, req: &Request) -> String {
+/// The lockout client of a request.
+pub fn client_of(auth: &Auth, req: &Request) -> String {
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -92,7 +93,7 @@ fn client_of(auth: &Auth, req: &Request) -> String {
 }
 
 /// The credential presented, if any: `Authorization: Bearer` or `X-API-Key`.
-fn presented(headers: &HeaderMap) -> Result<Option<String>, AuthError> {
+pub(crate) fn presented(headers: &HeaderMap) -> Result<Option<String>, AuthError> {
     if let Some(v) = headers.get(header::AUTHORIZATION) {
         let s = v
             .to_str()

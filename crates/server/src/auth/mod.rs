@@ -14,7 +14,7 @@ pub mod middleware;
 pub mod oauth;
 pub mod tokens;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -312,7 +312,10 @@ pub struct Auth {
     /// Keys by hash and by id (`h:`/`i:` prefixes), briefly cached.
     keys: Mutex<HashMap<String, CachedKey>>,
     /// Revoked token families (logout, reuse, key revocation).
-    revoked_families: RwLock<HashSet<String>>,
+    /// Revoked token families and when they were revoked (unix ms). An entry
+    /// is needed only while an access token of the family can still be
+    /// valid, so it is dropped after the access-token lifetime plus skew.
+    revoked_families: RwLock<HashMap<String, i64>>,
     lockout: Mutex<Lockout>,
     /// Last `last_used_at` write per key, to write at most once a minute.
     touched: Mutex<HashMap<String, i64>>,
@@ -336,10 +339,12 @@ impl Auth {
         let policy = ToolPolicy::new(&a.tool_rules).map_err(|e| anyhow::anyhow!(e))?;
         let tokens = tokens::TokenIssuer::load_or_create(&config.data_dir, a)?;
         let oauth = oauth::OAuthVerifier::new(&a.oauth, a.clock_skew_secs)?;
-        let revoked: HashSet<String> = store
-            .revoked_families(now_ms())
+        let now = now_ms();
+        let revoked: HashMap<String, i64> = store
+            .revoked_families(now)
             .await?
             .into_iter()
+            .map(|f| (f, now))
             .collect();
         let audit = Audit::start(store.clone(), a.audit.clone(), shutdown);
         let lockout = Lockout::new(
@@ -367,6 +372,30 @@ impl Auth {
                 .filter_map(|p| p.parse().ok())
                 .collect(),
         }))
+    }
+
+    /// The principal of a request to a public endpoint that may carry
+    /// credentials (`/health` shows details to `metrics:read`). Bad
+    /// credentials count towards lockout like anywhere else.
+    pub async fn optional_principal(
+        &self,
+        headers: &axum::http::HeaderMap,
+        client: &str,
+    ) -> Option<Principal> {
+        if !self.enabled() {
+            return Some(Principal::anonymous(DEFAULT_TENANT));
+        }
+        if self.check_lockout(client).is_err() {
+            return None;
+        }
+        let token = middleware::presented(headers).ok().flatten()?;
+        match self.authenticate_bearer(&token).await {
+            Ok((p, _)) => Some(p),
+            Err(e) => {
+                self.record_failure(client, &e);
+                None
+            }
+        }
     }
 
     /// Records that `principal` opened MCP session `id`.
@@ -456,9 +485,6 @@ impl Auth {
             .and_then(|mut l| l.record_failure(client, now_ms()));
         if let Some(until) = locked {
             metrics::counter!("auth_lockouts_total").increment(1);
-            if let Ok(l) = self.lockout.lock() {
-                metrics::gauge!("auth_locked_out_clients").set(l.locked_clients(now_ms()) as f64);
-            }
             tracing::warn!(client, until = %rfc3339(until), reason = error.reason(), "client locked out after repeated authentication failures");
             self.audit.record_system(
                 DEFAULT_TENANT,
@@ -481,14 +507,18 @@ impl Auth {
     pub fn family_revoked(&self, family: &str) -> bool {
         self.revoked_families
             .read()
-            .map(|s| s.contains(family))
+            .map(|s| s.contains_key(family))
             .unwrap_or(true)
     }
 
     /// Marks families revoked for access-token checks.
     pub fn revoke_families(&self, families: impl IntoIterator<Item = String>) {
+        let now = now_ms();
+        let keep_ms =
+            ((self.config.access_token_ttl_secs + self.config.clock_skew_secs) * 1000) as i64;
         if let Ok(mut s) = self.revoked_families.write() {
-            s.extend(families);
+            s.retain(|_, at| now - *at <= keep_ms);
+            s.extend(families.into_iter().map(|f| (f, now)));
         }
     }
 
@@ -606,6 +636,7 @@ impl Auth {
                 });
             }
             let key = self.live_key_by_id(&claims.sub).await?;
+            self.touch(&key.id);
             let role = Role::parse(&claims.role).ok_or_else(|| {
                 AuthError::InvalidToken(format!("unknown role `{}`", claims.role))
             })?;

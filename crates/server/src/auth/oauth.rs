@@ -30,12 +30,20 @@ const ASYMMETRIC: &[Algorithm] = &[
 ];
 
 /// A fetched key set is refreshed at most this often when a token names an
-/// unknown `kid` (key rotation), so garbage tokens cannot hammer the issuer.
+/// unknown `kid` (key rotation), and a failed fetch is not retried sooner, so
+/// garbage tokens or a down issuer cannot make us hammer it.
 const REFETCH_AFTER: Duration = Duration::from_secs(60);
+/// A fetched key set older than this is fetched again on next use, so keys
+/// the issuer removed stop being trusted.
+const MAX_AGE: Duration = Duration::from_secs(3600);
 
 struct Issuer {
     config: OAuthIssuerConfig,
     keys: Mutex<Option<(JwkSet, Instant)>>,
+    /// When the key set was last fetched (or tried), successful or not.
+    last_attempt: Mutex<Option<Instant>>,
+    /// Serializes fetches so concurrent requests wait for one.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 /// Verifies external issuers' tokens.
@@ -51,7 +59,15 @@ struct ExternalClaims {
     #[serde(default)]
     scope: Option<String>,
     #[serde(default)]
-    scp: Option<Vec<String>>,
+    scp: Option<Scopes>,
+}
+
+/// `scp` is a list at some issuers and a space-separated string at others.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Scopes {
+    List(Vec<String>),
+    Text(String),
 }
 
 impl OAuthVerifier {
@@ -78,6 +94,8 @@ impl OAuthVerifier {
             issuers.push(Issuer {
                 config: c.clone(),
                 keys: Mutex::new(keys),
+                last_attempt: Mutex::new(None),
+                fetching: tokio::sync::Mutex::new(()),
             });
         }
         Ok(OAuthVerifier {
@@ -107,6 +125,26 @@ impl OAuthVerifier {
                 issuer.config.issuer
             )));
         };
+        let _one_at_a_time = issuer.fetching.lock().await;
+        let recent = issuer
+            .last_attempt
+            .lock()
+            .ok()
+            .and_then(|a| *a)
+            .is_some_and(|at| at.elapsed() < REFETCH_AFTER);
+        if recent {
+            // Someone just fetched (or failed to): use what is there.
+            let cached = issuer.keys.lock().ok().and_then(|k| k.clone());
+            return cached.map(|(set, _)| set).ok_or_else(|| {
+                AuthError::Unavailable(format!(
+                    "the key set of issuer `{}` could not be fetched from {url} in the last minute; retry later",
+                    issuer.config.issuer
+                ))
+            });
+        }
+        if let Ok(mut a) = issuer.last_attempt.lock() {
+            *a = Some(Instant::now());
+        }
         let http = self.http.get_or_init(reqwest::Client::new);
         let fetched = async {
             let r = http
@@ -144,10 +182,11 @@ impl OAuthVerifier {
             DecodingKey::from_jwk(jwk).ok()
         };
         if let Some((set, at)) = &cached {
-            if let Some(k) = pick(set) {
+            let fresh = issuer.config.jwks_url.is_none() || at.elapsed() < MAX_AGE;
+            if let Some(k) = pick(set).filter(|_| fresh) {
                 return Ok(k);
             }
-            if issuer.config.jwks_url.is_none() || at.elapsed() < REFETCH_AFTER {
+            if issuer.config.jwks_url.is_none() {
                 return Err(AuthError::InvalidToken(format!(
                     "no key of issuer `{}` matches the token's kid {}",
                     issuer.config.issuer,
@@ -189,9 +228,16 @@ impl OAuthVerifier {
         let offered: Vec<String> = claims
             .scope
             .map(|s| s.split_whitespace().map(str::to_owned).collect())
-            .or(claims.scp)
+            .or(claims.scp.map(|s| match s {
+                Scopes::List(l) => l,
+                Scopes::Text(t) => t.split_whitespace().map(str::to_owned).collect(),
+            }))
             .unwrap_or_default();
-        let ours: Vec<String> = offered.into_iter().filter(|s| role.may_hold(s)).collect();
+        // Only the role's own scopes: `tenants:*` is never granted by a token.
+        let ours: Vec<String> = offered
+            .into_iter()
+            .filter(|s| role.default_scopes().contains(&s.as_str()))
+            .collect();
         let scopes = if ours.is_empty() {
             resolve_scopes(role, None)
         } else {

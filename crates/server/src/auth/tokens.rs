@@ -257,6 +257,12 @@ pub async fn rotate(auth: &super::Auth, presented: &str) -> Result<RefreshOutcom
             key_id: record.key_id,
         });
     }
+    if auth.family_revoked(&record.family) {
+        return Err(AuthError::Revoked {
+            what: "this refresh token".into(),
+            when: "with its login (logout, key revocation or reuse)".into(),
+        });
+    }
     let key = auth.live_key_by_id(&record.key_id).await?;
     let pair = auth.tokens.pair(store, &key, &record.family).await?;
     Ok(RefreshOutcome::Rotated(pair, Box::new(key)))
