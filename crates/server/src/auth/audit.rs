@@ -18,7 +18,9 @@ const QUEUE: usize = 8192;
 /// Entries written per transaction, at most.
 const BATCH: usize = 512;
 
-/// What the writer task receives.
+/// What the writer task receives. Nearly every message is an entry, so it is
+/// kept inline rather than boxed.
+#[allow(clippy::large_enum_variant)]
 enum Message {
     Entry(AuditRecord),
     /// Answered once everything queued before it is written.
