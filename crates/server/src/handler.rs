@@ -115,28 +115,26 @@ fn forbidden(message: String, reason: &str, extra: serde_json::Value) -> McpErro
     McpError::new(FORBIDDEN, message, Some(data))
 }
 
-/// The principal of a request: put into the request by the auth layer
-/// (directly, or inside the HTTP request parts rmcp attaches).
-fn request_principal(ctx: &RequestContext<RoleServer>) -> Option<Arc<Principal>> {
+/// A value the HTTP layers put into the request: directly in the message
+/// (legacy SSE) or inside the HTTP request parts rmcp attaches.
+fn request_ext<T: Clone + Send + Sync + 'static>(ctx: &RequestContext<RoleServer>) -> Option<T> {
     ctx.extensions
-        .get::<RequestPrincipal>()
+        .get::<T>()
         .or_else(|| {
             ctx.extensions
                 .get::<http::request::Parts>()
-                .and_then(|p| p.extensions.get::<RequestPrincipal>())
+                .and_then(|p| p.extensions.get::<T>())
         })
-        .map(|p| p.0.clone())
+        .cloned()
+}
+
+/// The principal the auth layer authenticated.
+fn request_principal(ctx: &RequestContext<RoleServer>) -> Option<Arc<Principal>> {
+    request_ext::<RequestPrincipal>(ctx).map(|p| p.0)
 }
 
 fn request_trace(ctx: &RequestContext<RoleServer>) -> Option<String> {
-    ctx.extensions
-        .get::<TraceId>()
-        .or_else(|| {
-            ctx.extensions
-                .get::<http::request::Parts>()
-                .and_then(|p| p.extensions.get::<TraceId>())
-        })
-        .map(|t| t.0.clone())
+    request_ext::<TraceId>(ctx).map(|t| t.0)
 }
 
 /// Per-call bookkeeping that unregisters progress routing when dropped.

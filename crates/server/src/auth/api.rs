@@ -654,17 +654,10 @@ async fn audit_query(
 }
 
 async fn resource_metadata(State(auth): State<Arc<Auth>>, headers: HeaderMap) -> Json<Value> {
-    let resource = auth.resource.clone().unwrap_or_else(|| {
-        let host = headers
-            .get(axum::http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .filter(|h| {
-                h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
-            })
-            .unwrap_or("localhost");
-        format!("http://{host}/mcp")
-    });
+    let resource = auth
+        .resource
+        .clone()
+        .unwrap_or_else(|| format!("{}/mcp", super::middleware::base_url(&auth, &headers)));
     Json(json!({
         "resource": resource,
         "authorization_servers": auth.oauth.issuer_urls(),

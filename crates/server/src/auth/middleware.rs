@@ -122,7 +122,7 @@ pub(crate) fn presented(headers: &HeaderMap) -> Result<Option<String>, AuthError
 }
 
 /// The base URL clients used to reach us, for `resource_metadata`.
-fn base_url(auth: &Auth, headers: &HeaderMap) -> String {
+pub fn base_url(auth: &Auth, headers: &HeaderMap) -> String {
     if let Some(r) = &auth.resource
         && let Some(scheme_end) = r.find("://")
     {
