@@ -702,9 +702,16 @@ impl ServerHandler for GatewayHandler {
             .with_server_info(Implementation::new("meshgate", env!("CARGO_PKG_VERSION")))
             .with_protocol_version(ProtocolVersion::V_2025_11_25)
             // No upstream names here: this text goes to every tenant.
-            .with_instructions(
-                "meshgate MCP gateway: tools, prompts and resources of several upstream MCP servers, named <upstream>__<name> and <upstream>+<uri>; call meshgate_status for the upstreams you can use and their health",
-            )
+            .with_instructions(if self.gw.namer.prefixed {
+                format!(
+                    "meshgate MCP gateway: tools, prompts and resources of several upstream MCP servers, named <upstream>{}<name> and <upstream>+<uri>; call {STATUS_TOOL} for the upstreams you can use and their health",
+                    self.gw.namer.separator
+                )
+            } else {
+                format!(
+                    "meshgate MCP gateway: tools, prompts and resources of upstream MCP servers under their own names; call {STATUS_TOOL} for the upstreams you can use and their health"
+                )
+            })
     }
 
     fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
