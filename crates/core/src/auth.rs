@@ -303,24 +303,28 @@ pub fn display_prefix(key: &str) -> String {
 
 /// SHA-256 of the canonical JSON of tool arguments (object keys sorted), hex:
 /// what the audit log records instead of the arguments themselves.
-pub fn arguments_hash(arguments: &serde_json::Value) -> String {
-    fn canonical(v: &serde_json::Value, out: &mut String) {
-        match v {
-            serde_json::Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                out.push('{');
-                for (i, k) in keys.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(&serde_json::Value::String(k.clone()).to_string());
-                    out.push(':');
-                    canonical(&m[k], out);
-                }
-                out.push('}');
+pub fn arguments_hash(arguments: Option<&serde_json::Map<String, serde_json::Value>>) -> String {
+    use serde_json::{Map, Value};
+    fn object(m: &Map<String, Value>, out: &mut String) {
+        // Sorted explicitly: serde_json keeps insertion order when any crate
+        // in the build enables its `preserve_order` feature.
+        let mut keys: Vec<&String> = m.keys().collect();
+        keys.sort();
+        out.push('{');
+        for (i, k) in keys.into_iter().enumerate() {
+            if i > 0 {
+                out.push(',');
             }
-            serde_json::Value::Array(a) => {
+            out.push_str(&Value::String(k.clone()).to_string());
+            out.push(':');
+            canonical(&m[k], out);
+        }
+        out.push('}');
+    }
+    fn canonical(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(m) => object(m, out),
+            Value::Array(a) => {
                 out.push('[');
                 for (i, x) in a.iter().enumerate() {
                     if i > 0 {
@@ -334,7 +338,10 @@ pub fn arguments_hash(arguments: &serde_json::Value) -> String {
         }
     }
     let mut s = String::new();
-    canonical(arguments, &mut s);
+    match arguments {
+        Some(m) => object(m, &mut s),
+        None => s.push_str("null"),
+    }
     hash_secret(&s)
 }
 
@@ -652,13 +659,18 @@ mod tests {
 
     #[test]
     fn arguments_hash_ignores_key_order() {
-        let a = serde_json::json!({"b": 1, "a": {"y": [1, 2], "x": "s"}});
-        let b = serde_json::json!({"a": {"x": "s", "y": [1, 2]}, "b": 1});
-        assert_eq!(arguments_hash(&a), arguments_hash(&b));
+        let obj = |v: serde_json::Value| match v {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("an object"),
+        };
+        let a = obj(serde_json::json!({"b": 1, "a": {"y": [1, 2], "x": "s"}}));
+        let b = obj(serde_json::json!({"a": {"x": "s", "y": [1, 2]}, "b": 1}));
+        assert_eq!(arguments_hash(Some(&a)), arguments_hash(Some(&b)));
         assert_ne!(
-            arguments_hash(&a),
-            arguments_hash(&serde_json::json!({"b": 2}))
+            arguments_hash(Some(&a)),
+            arguments_hash(Some(&obj(serde_json::json!({"b": 2}))))
         );
+        assert_ne!(arguments_hash(None), arguments_hash(Some(&a)));
     }
 
     #[test]

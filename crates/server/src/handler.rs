@@ -598,7 +598,7 @@ impl GatewayHandler {
         p: &Principal,
         ctx: &RequestContext<RoleServer>,
         tool: &str,
-        args: &serde_json::Value,
+        args_hash: &str,
         started: Instant,
         outcome: &str,
         message: Option<&str>,
@@ -615,7 +615,7 @@ impl GatewayHandler {
                 None => serde_json::json!({"transport": self.state.transport}),
             },
         );
-        e.args_hash = Some(meshgate_core::auth::arguments_hash(args));
+        e.args_hash = Some(args_hash.to_owned());
         e.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         self.auth.audit.record(e).await;
     }
@@ -774,11 +774,8 @@ impl ServerHandler for GatewayHandler {
     ) -> Result<CallToolResponse, McpError> {
         let started = Instant::now();
         let exposed = request.name.to_string();
-        let args = request
-            .arguments
-            .as_ref()
-            .map(|a| serde_json::Value::Object(a.clone()))
-            .unwrap_or(serde_json::Value::Null);
+        // Hashed now, before the arguments move on to the upstream.
+        let args_hash = meshgate_core::auth::arguments_hash(request.arguments.as_ref());
         let p = match self.caller(&ctx, scope::MCP_CALL, "tools/call") {
             Ok(p) => p,
             Err(e) => {
@@ -787,7 +784,7 @@ impl ServerHandler for GatewayHandler {
                         &p,
                         &ctx,
                         &exposed,
-                        &args,
+                        &args_hash,
                         started,
                         "denied",
                         Some(&e.message),
@@ -810,7 +807,7 @@ impl ServerHandler for GatewayHandler {
             &p,
             &ctx,
             &exposed,
-            &args,
+            &args_hash,
             started,
             outcome,
             message.as_deref(),

@@ -240,188 +240,110 @@ async fn every_role_in_two_tenants_gets_exactly_its_routes_and_mcp_methods() {
                 }
             };
 
-            // REST routes.
-            let (s, b) = send(&http, M::GET, &gw.url("/api/v1/auth/whoami"), None).await;
-            check(
-                &mut wrong,
-                format!("{who} GET whoami"),
-                s,
-                StatusCode::OK,
-                &b,
-            );
-            if s == StatusCode::OK && (b["tenant"] != t || b["role"] != role) {
-                wrong.push(format!("{who} whoami says {b}"));
-            }
-            let (s, b) = send(&http, M::GET, &gw.url("/api/v1/auth/keys"), None).await;
-            check(
-                &mut wrong,
-                format!("{who} GET keys"),
-                s,
-                ok_or_403("keys:read", StatusCode::OK),
-                &b,
-            );
-            if s == StatusCode::OK
-                && b["keys"]
-                    .as_array()
-                    .is_none_or(|ks| ks.iter().any(|k| k["tenant"] != t))
-            {
-                wrong.push(format!("{who} GET keys shows another tenant's keys: {b}"));
-            }
-            let (s, b) = send(
-                &http,
-                M::GET,
-                &gw.url(&format!("/api/v1/auth/keys?tenant={other}")),
-                None,
-            )
-            .await;
-            check(
-                &mut wrong,
-                format!("{who} GET keys?tenant={other}"),
-                s,
-                StatusCode::FORBIDDEN,
-                &b,
-            );
-            let (s, b) = send(
-                &http,
-                M::GET,
-                &gw.url(&format!("/api/v1/auth/keys/{same_tenant_id}")),
-                None,
-            )
-            .await;
-            check(
-                &mut wrong,
-                format!("{who} GET own-tenant key"),
-                s,
-                ok_or_403("keys:read", StatusCode::OK),
-                &b,
-            );
-            let (s, b) = send(
-                &http,
-                M::GET,
-                &gw.url(&format!("/api/v1/auth/keys/{other_tenant_id}")),
-                None,
-            )
-            .await;
-            check(
-                &mut wrong,
-                format!("{who} GET other-tenant key"),
-                s,
-                ok_or_403("keys:read", StatusCode::NOT_FOUND),
-                &b,
-            );
-            let (s, b) = send(
-                &http,
-                M::PATCH,
-                &gw.url(&format!("/api/v1/auth/keys/{other_tenant_id}")),
-                Some(json!({"scopes": ["mcp:read"]})),
-            )
-            .await;
-            check(
-                &mut wrong,
-                format!("{who} PATCH other-tenant key"),
-                s,
-                ok_or_403("keys:write", StatusCode::NOT_FOUND),
-                &b,
-            );
-            let (s, b) = send(
-                &http,
-                M::DELETE,
-                &gw.url(&format!("/api/v1/auth/keys/{other_tenant_id}")),
-                None,
-            )
-            .await;
-            check(
-                &mut wrong,
-                format!("{who} DELETE other-tenant key"),
-                s,
-                ok_or_403("keys:write", StatusCode::NOT_FOUND),
-                &b,
-            );
-            let (s, b) = send(
-                &http,
-                M::POST,
-                &gw.url("/api/v1/auth/keys"),
-                Some(json!({"name": "x", "role": "viewer", "tenant": other})),
-            )
-            .await;
-            check(
-                &mut wrong,
-                format!("{who} POST key in other tenant"),
-                s,
-                StatusCode::FORBIDDEN,
-                &b,
-            );
-            let (s, b) = send(
-                &http,
-                M::POST,
-                &gw.url("/api/v1/auth/keys"),
-                Some(json!({"name": format!("made-by-{who}"), "role": "viewer"})),
-            )
-            .await;
-            check(
-                &mut wrong,
-                format!("{who} POST key"),
-                s,
-                ok_or_403("keys:write", StatusCode::CREATED),
-                &b,
-            );
-            let (s, b) = send(&http, M::POST, &gw.url("/api/v1/auth/token"), None).await;
-            check(
-                &mut wrong,
-                format!("{who} POST token"),
-                s,
-                StatusCode::OK,
-                &b,
-            );
-            let (s, b) = send(&http, M::GET, &gw.url("/api/v1/audit"), None).await;
-            check(
-                &mut wrong,
-                format!("{who} GET audit"),
-                s,
-                ok_or_403("audit:read", StatusCode::OK),
-                &b,
-            );
-            if s == StatusCode::OK
-                && b["entries"]
-                    .as_array()
-                    .is_none_or(|es| es.iter().any(|e| e["tenant"] != t))
-            {
-                wrong.push(format!(
-                    "{who} GET audit shows another tenant's entries: {b}"
-                ));
-            }
-            let (s, b) = send(
-                &http,
-                M::GET,
-                &gw.url(&format!("/api/v1/audit?tenant={other}")),
-                None,
-            )
-            .await;
-            check(
-                &mut wrong,
-                format!("{who} GET audit?tenant={other}"),
-                s,
-                StatusCode::FORBIDDEN,
-                &b,
-            );
-            for path in ["/metrics", "/health/store", "/health/upstreams"] {
-                let r = http.get(gw.url(path)).send().await.expect("GET");
-                check(
-                    &mut wrong,
-                    format!("{who} GET {path}"),
-                    r.status(),
+            // REST routes: method, path, body, expected status.
+            let table: Vec<(M, String, Option<Value>, StatusCode)> = vec![
+                (M::GET, "/api/v1/auth/whoami".into(), None, StatusCode::OK),
+                (
+                    M::GET,
+                    "/api/v1/auth/keys".into(),
+                    None,
+                    ok_or_403("keys:read", StatusCode::OK),
+                ),
+                (
+                    M::GET,
+                    format!("/api/v1/auth/keys?tenant={other}"),
+                    None,
+                    StatusCode::FORBIDDEN,
+                ),
+                (
+                    M::GET,
+                    format!("/api/v1/auth/keys/{same_tenant_id}"),
+                    None,
+                    ok_or_403("keys:read", StatusCode::OK),
+                ),
+                (
+                    M::GET,
+                    format!("/api/v1/auth/keys/{other_tenant_id}"),
+                    None,
+                    ok_or_403("keys:read", StatusCode::NOT_FOUND),
+                ),
+                (
+                    M::PATCH,
+                    format!("/api/v1/auth/keys/{other_tenant_id}"),
+                    Some(json!({"scopes": ["mcp:read"]})),
+                    ok_or_403("keys:write", StatusCode::NOT_FOUND),
+                ),
+                (
+                    M::DELETE,
+                    format!("/api/v1/auth/keys/{other_tenant_id}"),
+                    None,
+                    ok_or_403("keys:write", StatusCode::NOT_FOUND),
+                ),
+                (
+                    M::POST,
+                    "/api/v1/auth/keys".into(),
+                    Some(json!({"name": "x", "role": "viewer", "tenant": other})),
+                    StatusCode::FORBIDDEN,
+                ),
+                (
+                    M::POST,
+                    "/api/v1/auth/keys".into(),
+                    Some(json!({"name": format!("made-by-{who}"), "role": "viewer"})),
+                    ok_or_403("keys:write", StatusCode::CREATED),
+                ),
+                (M::POST, "/api/v1/auth/token".into(), None, StatusCode::OK),
+                (
+                    M::GET,
+                    "/api/v1/audit".into(),
+                    None,
+                    ok_or_403("audit:read", StatusCode::OK),
+                ),
+                (
+                    M::GET,
+                    format!("/api/v1/audit?tenant={other}"),
+                    None,
+                    StatusCode::FORBIDDEN,
+                ),
+                (
+                    M::GET,
+                    "/metrics".into(),
+                    None,
                     ok_or_403("metrics:read", StatusCode::OK),
-                    &Value::Null,
-                );
+                ),
+                (
+                    M::GET,
+                    "/health/store".into(),
+                    None,
+                    ok_or_403("metrics:read", StatusCode::OK),
+                ),
+                (
+                    M::GET,
+                    "/health/upstreams".into(),
+                    None,
+                    ok_or_403("metrics:read", StatusCode::OK),
+                ),
+                (M::GET, "/health".into(), None, StatusCode::OK),
+            ];
+            for (method, path, body, want) in table {
+                let (s, b) = send(&http, method.clone(), &gw.url(&path), body).await;
+                check(&mut wrong, format!("{who} {method} {path}"), s, want, &b);
+                let leaks = s == StatusCode::OK
+                    && match path.as_str() {
+                        "/api/v1/auth/whoami" => b["tenant"] != t || b["role"] != role,
+                        "/api/v1/auth/keys" => b["keys"]
+                            .as_array()
+                            .is_none_or(|ks| ks.iter().any(|k| k["tenant"] != t)),
+                        "/api/v1/audit" => b["entries"]
+                            .as_array()
+                            .is_none_or(|es| es.iter().any(|e| e["tenant"] != t)),
+                        _ => false,
+                    };
+                if leaks {
+                    wrong.push(format!(
+                        "{who} {method} {path} shows another tenant's objects: {b}"
+                    ));
+                }
             }
-            let (s, b) = send(&http, M::GET, &gw.url("/health"), None).await;
-            check(
-                &mut wrong,
-                format!("{who} GET /health"),
-                s,
-                StatusCode::OK,
-                &b,
-            );
             let r = http.get(gw.url("/sse")).send().await.expect("GET /sse");
             check(
                 &mut wrong,
