@@ -231,6 +231,9 @@ pub struct Principal {
     pub key_id: Option<String>,
     /// How it authenticated.
     pub kind: CredentialKind,
+    /// Its API key's own rate limit (requests per minute), replacing
+    /// `rate_limits.per_key` for it.
+    pub rate_limit_per_minute: Option<u32>,
 }
 
 impl Principal {
@@ -254,6 +257,7 @@ impl Principal {
             scopes: resolve_scopes(Role::Admin, None).unwrap_or_default(),
             key_id: None,
             kind: CredentialKind::Anonymous,
+            rate_limit_per_minute: None,
         }
     }
 }
@@ -621,6 +625,7 @@ mod tests {
             scopes: resolve_scopes(role, None).unwrap(),
             key_id: Some(key.into()),
             kind: CredentialKind::ApiKey,
+            rate_limit_per_minute: None,
         }
     }
 

@@ -15,6 +15,12 @@ use thiserror::Error;
 use crate::auth::{Role, ToolPolicy, ToolRuleConfig};
 use crate::catalog::{PrefixMode, RESOURCE_SEPARATOR};
 
+mod traffic;
+
+pub use traffic::{
+    BackpressureConfig, BreakerConfig, LimitConfig, PoolConfig, RateLimitsConfig, RetryConfig,
+};
+
 /// A configuration problem, naming the key and what is allowed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConfigError {
@@ -178,6 +184,43 @@ pub struct UpstreamConfig {
     /// Offered to every tenant (declared sharing), not only its owner.
     #[serde(default)]
     pub shared: bool,
+    /// Longest a whole request may take, retries and backoff included, in
+    /// seconds; defaults to the call's timeout.
+    #[serde(default)]
+    pub deadline_secs: Option<u64>,
+    /// Per-tool call timeouts (the upstream's own tool names), in seconds;
+    /// they replace `timeout_secs` for those tools.
+    #[serde(default)]
+    pub tool_timeouts: BTreeMap<String, u64>,
+    /// Retries after transport failures.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Circuit breaker.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// Call pool.
+    #[serde(default)]
+    pub pool: PoolConfig,
+}
+
+impl UpstreamConfig {
+    /// The timeout of one attempt of a call to `tool` (the upstream's name).
+    pub fn call_timeout(&self, tool: Option<&str>) -> std::time::Duration {
+        let secs = tool
+            .and_then(|t| self.tool_timeouts.get(t))
+            .copied()
+            .unwrap_or(self.timeout_secs);
+        std::time::Duration::from_secs(secs)
+    }
+
+    /// The deadline of a whole request to `tool`, retries included.
+    pub fn call_deadline(&self, tool: Option<&str>) -> std::time::Duration {
+        let timeout = self.call_timeout(tool);
+        match self.deadline_secs {
+            Some(d) => std::time::Duration::from_secs(d),
+            None => timeout,
+        }
+    }
 }
 
 /// The tenant of objects that name none.
@@ -339,6 +382,10 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// Authentication, authorization and audit.
     pub auth: AuthConfig,
+    /// Rate limits.
+    pub rate_limits: RateLimitsConfig,
+    /// Per-client outbound queue limits.
+    pub backpressure: BackpressureConfig,
 }
 
 impl Default for Config {
@@ -352,6 +399,8 @@ impl Default for Config {
             upstreams: Vec::new(),
             shutdown_grace_secs: 10,
             auth: AuthConfig::default(),
+            rate_limits: RateLimitsConfig::default(),
+            backpressure: BackpressureConfig::default(),
         }
     }
 }
@@ -598,7 +647,10 @@ impl Config {
                     "must be at least 1",
                 ));
             }
+            traffic::validate_upstream(i, up, &mut errors);
         }
+        self.rate_limits.validate(&mut errors);
+        self.backpressure.validate(&mut errors);
         self.validate_auth(&mut errors);
         match errors.len() {
             0 => Ok(()),
@@ -803,9 +855,60 @@ mod tests {
                 enabled: true,
                 tenant: DEFAULT_TENANT.into(),
                 shared: false,
+                deadline_secs: None,
+                tool_timeouts: Default::default(),
+                retry: Default::default(),
+                breaker: Default::default(),
+                pool: Default::default(),
             });
         }
         assert!(c.validate().unwrap_err().to_string().contains("unique"));
+    }
+
+    #[test]
+    fn traffic_settings_are_validated_with_their_keys() {
+        let c = Config::from_toml(
+            "[rate_limits.per_key]\nlimit = 10\nperiod_secs = 0\n\
+             [rate_limits.tools.slow]\nlimit = 5\nburst = 0\n\
+             [backpressure]\nbundle_at = 600\n\
+             [[upstreams]]\nname = \"a\"\ntransport = \"streamable_http\"\nurl = \"http://x/mcp\"\n\
+             retry = { max_attempts = 0, initial_backoff_ms = 5000 }\n\
+             breaker = { open_timeout_ms = 0 }\npool = { size = 0, processes = 2 }\n\
+             tool_timeouts = { hang = 0 }\n",
+            "t.toml",
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        for key in [
+            "rate_limits.per_key.period_secs",
+            "rate_limits.tools.slow.burst",
+            "`backpressure`",
+            "upstreams[0].retry.max_attempts",
+            "upstreams[0].retry.initial_backoff_ms",
+            "upstreams[0].breaker.open_timeout_ms",
+            "upstreams[0].pool.size",
+            "upstreams[0].pool.processes",
+            "upstreams[0].tool_timeouts.hang",
+        ] {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn call_timeout_and_deadline_follow_tool_overrides() {
+        let c = Config::from_toml(
+            "[[upstreams]]\nname = \"a\"\ntransport = \"stdio\"\ncommand = \"x\"\ntimeout_secs = 7\n\
+             tool_timeouts = { long = 90 }\n",
+            "t.toml",
+        )
+        .unwrap();
+        let up = &c.upstreams[0];
+        assert_eq!(up.call_timeout(Some("long")).as_secs(), 90);
+        assert_eq!(up.call_timeout(Some("other")).as_secs(), 7);
+        assert_eq!(up.call_deadline(Some("long")).as_secs(), 90);
+        let mut up = up.clone();
+        up.deadline_secs = Some(3);
+        assert_eq!(up.call_deadline(Some("long")).as_secs(), 3);
     }
 
     #[test]

@@ -6,12 +6,18 @@
 //! Callers hand in strings and get plain values back.
 
 pub mod auth;
+pub mod backoff;
+pub mod breaker;
 pub mod catalog;
 pub mod config;
+pub mod ratelimit;
 
 pub use auth::{CredentialKind, Principal, Role};
+pub use backoff::RetryPolicy;
+pub use breaker::{Breaker, BreakerPolicy, BreakerState, Rejected};
 pub use catalog::{Catalog, CatalogIssue, Namer, PrefixMode, Route};
 pub use config::{
     AuthConfig, Config, ConfigError, DEFAULT_TENANT, LogFormat, OAuthIssuerConfig, UpstreamConfig,
     UpstreamTransport,
 };
+pub use ratelimit::{Decision, Gcra, Quota};

@@ -177,18 +177,43 @@ fn init_logging(config: &Config) {
         );
         tracing_subscriber::EnvFilter::new("info")
     });
+    let initial = filter.to_string();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match config.log.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-        LogFormat::Human => builder.init(),
+        LogFormat::Json => {
+            let builder = builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .with_filter_reloading();
+            install_log_control(&initial, builder.reload_handle());
+            builder.init()
+        }
+        LogFormat::Human => {
+            let builder = builder.with_filter_reloading();
+            install_log_control(&initial, builder.reload_handle());
+            builder.init()
+        }
     }
+}
+
+/// Lets `PUT /admin/log-level` replace the filter of the running subscriber.
+fn install_log_control<S: 'static>(
+    initial: &str,
+    handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+) {
+    meshgate_server::admin::install_log_control(
+        initial,
+        Box::new(move |new| {
+            let filter = tracing_subscriber::EnvFilter::try_new(new).map_err(|e| e.to_string())?;
+            let shown = filter.to_string();
+            handle.reload(filter).map_err(|e| e.to_string())?;
+            Ok(shown)
+        }),
+    );
 }
 
 fn main() -> ExitCode {

@@ -17,6 +17,9 @@ use rmcp::service::Peer;
 use tokio::sync::{Mutex as AsyncMutex, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::clients::Clients;
+use crate::limits::Limiters;
+use crate::resilience::{UpstreamTraffic, mono_now, unit_random};
 use crate::upstream::{
     InFlight, ListChanged, ListKind, ProgressMap, RelayTarget, UpstreamConnection, UpstreamRelay,
     UpstreamStatus, connect, unix_now,
@@ -56,6 +59,20 @@ pub struct Upstream {
     /// Calls in flight on the shared connection.
     pub inflight: Arc<InFlight>,
     listing: RwLock<Arc<UpstreamListing>>,
+    /// Circuit breaker and call pool.
+    pub traffic: Arc<UpstreamTraffic>,
+    restart: std::sync::Mutex<RestartState>,
+}
+
+/// Reconnection bookkeeping of an upstream whose connection died.
+#[derive(Default)]
+struct RestartState {
+    /// Failed reconnects in a row.
+    attempts: u32,
+    /// Not before this (monotonic time).
+    next_at: Duration,
+    /// Successful restarts so far.
+    restarts: u64,
 }
 
 impl Upstream {
@@ -194,6 +211,77 @@ pub struct Gateway {
     pub started: Instant,
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
+    /// Open client sessions, for stats, per-client health and cleanup.
+    pub clients: Clients,
+    /// Rate limiters.
+    pub limits: Limiters,
+    /// Requests being served, for the drain on shutdown.
+    pub inflight: RequestTracker,
+}
+
+/// Counts requests being served so shutdown can wait for them; once
+/// draining, new requests are refused.
+#[derive(Default)]
+pub struct RequestTracker {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+    draining: AtomicBool,
+}
+
+/// Marks one request as in flight until dropped.
+pub struct RequestGuard<'a>(&'a RequestTracker);
+
+impl Drop for RequestGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl RequestTracker {
+    /// Registers a request; `None` while draining (refuse it).
+    pub fn enter(&self) -> Option<RequestGuard<'_>> {
+        if self.draining.load(Ordering::Acquire) {
+            return None;
+        }
+        self.count.fetch_add(1, Ordering::AcqRel);
+        Some(RequestGuard(self))
+    }
+
+    /// Registers a request that was admitted before draining began (it is
+    /// counted even while draining).
+    pub fn track(&self) -> RequestGuard<'_> {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        RequestGuard(self)
+    }
+
+    /// Requests in flight.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Stops admitting requests and waits until none is in flight, at most `limit`.
+    /// Returns how many were still in flight at the end.
+    pub async fn drain(&self, limit: Duration) -> usize {
+        self.draining.store(true, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let idle = self.idle.notified();
+            let n = self.count();
+            if n == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.count();
+            }
+        }
+    }
 }
 
 impl Gateway {
@@ -230,13 +318,19 @@ impl Gateway {
                     shared: AsyncMutex::new(None),
                     inflight: Arc::new(InFlight::default()),
                     listing: RwLock::new(Arc::default()),
+                    traffic: Arc::new(UpstreamTraffic::new(cfg)),
+                    restart: std::sync::Mutex::new(RestartState::default()),
                 })
             })
             .collect();
         let http = HttpClients::default();
         let (events, events_rx) = mpsc::channel(256);
         let (changes, _) = broadcast::channel(64);
+        let limits = Limiters::new(&config.rate_limits);
         let gw = Arc::new(Gateway {
+            clients: Clients::default(),
+            limits,
+            inflight: RequestTracker::default(),
             config,
             store,
             upstreams,
@@ -251,12 +345,16 @@ impl Gateway {
         });
         tokio::spawn(gw.clone().refresh_loop(events_rx));
         tokio::spawn(gw.clone().health_loop());
+        tokio::spawn(gw.clone().restart_loop());
+        tokio::spawn(gw.clone().idle_loop());
         Ok(gw)
     }
 
     /// True once every enabled upstream has been tried and while not shutting down.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.shutdown.is_cancelled()
+        self.ready.load(Ordering::Acquire)
+            && !self.shutdown.is_cancelled()
+            && !self.inflight.is_draining()
     }
 
     /// The current catalog.
@@ -514,6 +612,9 @@ impl Gateway {
         }
     }
 
+    /// Pings every upstream with a live shared connection every 10 s; one
+    /// that does not answer within 5 s loses its connection, and
+    /// [`Self::restart_loop`] reconnects it.
     async fn health_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -524,37 +625,140 @@ impl Gateway {
                 _ = tick.tick() => {}
             }
             for up in self.upstreams.iter().filter(|u| u.config.enabled) {
-                let shared = up.shared().await;
-                let healthy =
-                    match shared {
-                        Some(s) if !s.conn.is_transport_closed() => {
-                            let ping = s.conn.peer().send_request(
-                                rmcp::model::ClientRequest::PingRequest(Default::default()),
-                            );
-                            matches!(
-                                tokio::time::timeout(Duration::from_secs(5), ping).await,
-                                Ok(Ok(_))
-                            )
-                        }
-                        _ => false,
-                    };
-                if healthy {
-                    up.set_status(UpstreamStatus::Up);
+                let Some(s) = up.shared().await else { continue };
+                if s.conn.is_transport_closed() {
                     continue;
                 }
-                *up.shared.lock().await = None;
-                let all: HashSet<ListKind> =
-                    [ListKind::Tools, ListKind::Prompts, ListKind::Resources].into();
+                let ping = s
+                    .conn
+                    .peer()
+                    .send_request(rmcp::model::ClientRequest::PingRequest(Default::default()));
+                if !matches!(
+                    tokio::time::timeout(Duration::from_secs(5), ping).await,
+                    Ok(Ok(_))
+                ) {
+                    up.set_status(UpstreamStatus::Down(
+                        "did not answer a ping within 5 s".into(),
+                    ));
+                    *up.shared.lock().await = None;
+                }
+            }
+        }
+    }
+
+    /// Reconnects (for stdio: restarts) every enabled upstream whose shared
+    /// connection is gone, with exponential backoff and jitter between
+    /// failed attempts (200 ms doubling to 30 s), so a crashing upstream is
+    /// back quickly without being hammered, while the others keep serving.
+    async fn restart_loop(self: Arc<Self>) {
+        let backoff = meshgate_core::backoff::RetryPolicy {
+            max_attempts: u32::MAX,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.ready.load(Ordering::Acquire) {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+        }
+        let all: HashSet<ListKind> =
+            [ListKind::Tools, ListKind::Prompts, ListKind::Resources].into();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for up in self.upstreams.iter().filter(|u| u.config.enabled) {
+                let live = match up.shared().await {
+                    Some(s) if !s.conn.is_transport_closed() => true,
+                    Some(_) => {
+                        let why = if up.config.transport == meshgate_core::UpstreamTransport::Stdio
+                        {
+                            "the process exited or closed its stdout"
+                        } else {
+                            "the connection closed"
+                        };
+                        up.set_status(UpstreamStatus::Down(why.into()));
+                        *up.shared.lock().await = None;
+                        false
+                    }
+                    None => false,
+                };
+                if live {
+                    continue;
+                }
+                let due = up
+                    .restart
+                    .lock()
+                    .map(|r| mono_now() >= r.next_at)
+                    .unwrap_or(true);
+                if !due {
+                    continue;
+                }
                 match self.refresh_upstream(up, &all).await {
                     Ok(()) => {
+                        let restarts = up
+                            .restart
+                            .lock()
+                            .map(|mut r| {
+                                r.attempts = 0;
+                                r.restarts += 1;
+                                r.restarts
+                            })
+                            .unwrap_or(0);
+                        metrics::counter!("gateway_upstream_restarts_total", "upstream" => up.config.name.clone()).increment(1);
+                        tracing::info!(upstream = %up.config.name, restarts, "upstream reconnected");
                         up.set_status(UpstreamStatus::Up);
                         self.rebuild_snapshot();
-                        for kind in all {
-                            let _ = self.changes.send(kind);
+                        for kind in &all {
+                            let _ = self.changes.send(*kind);
                         }
                     }
-                    Err(e) => up.set_status(UpstreamStatus::Down(e)),
+                    Err(e) => {
+                        *up.shared.lock().await = None;
+                        let wait = if let Ok(mut r) = up.restart.lock() {
+                            r.attempts = r.attempts.saturating_add(1);
+                            let ceiling = backoff.ceiling(r.attempts);
+                            let wait =
+                                ceiling / 2 + backoff.jittered(r.attempts, unit_random()) / 2;
+                            r.next_at = mono_now() + wait;
+                            wait
+                        } else {
+                            Duration::from_secs(1)
+                        };
+                        tracing::warn!(upstream = %up.config.name, error = %e, retry_in_ms = wait.as_millis() as u64, "upstream reconnect failed");
+                        up.set_status(UpstreamStatus::Down(e));
+                    }
                 }
+            }
+        }
+    }
+
+    /// Successful reconnects of `up` since start.
+    pub fn restarts(&self, up: &Upstream) -> u64 {
+        up.restart.lock().map(|r| r.restarts).unwrap_or(0)
+    }
+
+    /// Every 30 s, closes per-session upstream connections idle longer than
+    /// their upstream's `pool.idle_timeout_secs`.
+    async fn idle_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let closed = self
+                .clients
+                .close_idle_upstream_connections(&self, None)
+                .await;
+            if closed > 0 {
+                tracing::info!(closed, "closed idle per-session upstream connections");
             }
         }
     }

@@ -8,7 +8,6 @@
 #![allow(deprecated)]
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -26,15 +25,15 @@ use rmcp::model::{
 };
 use rmcp::service::{NotificationContext, Peer, PeerRequestOptions, RequestContext};
 use rmcp::{ErrorData as McpError, RoleClient, RoleServer, ServerHandler, ServiceError};
-use tokio::sync::Mutex as AsyncMutex;
 
 use meshgate_core::auth::{Principal, scope};
 
 use crate::auth::{Auth, RequestPrincipal, TraceId};
+use crate::clients::{ClientEntry, Owner, SessionConn};
 use crate::gateway::{Gateway, Upstream};
-use crate::upstream::{
-    InFlightGuard, ListKind, ProgressMap, RelayTarget, UpstreamConnection, UpstreamRelay, connect,
-};
+use crate::outbox::Outbox;
+use crate::resilience::{PoolTimeout, unit_random};
+use crate::upstream::{InFlightGuard, ListKind, ProgressMap, RelayTarget, UpstreamRelay, connect};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -63,15 +62,11 @@ pub const SUPPORTED_VERSIONS: [ProtocolVersion; 4] = [
     ProtocolVersion::V_2025_11_25,
 ];
 
-struct SessionConn {
-    conn: UpstreamConnection,
-    progress: ProgressMap,
-}
-
 struct SessionState {
     peer: OnceLock<Peer<RoleServer>>,
     client: OnceLock<ClientInfo>,
-    conns: AsyncMutex<HashMap<usize, Arc<SessionConn>>>,
+    entry: Arc<ClientEntry>,
+    gw: Arc<Gateway>,
     log_level: Mutex<Option<LoggingLevel>>,
     change_task: Mutex<Option<tokio::task::AbortHandle>>,
     transport: &'static str,
@@ -80,6 +75,10 @@ struct SessionState {
 
 impl Drop for SessionState {
     fn drop(&mut self) {
+        self.gw.clients.unregister(&self.entry.id);
+        if let Some(o) = self.entry.outbox.get() {
+            o.close();
+        }
         if let Ok(mut t) = self.change_task.lock()
             && let Some(t) = t.take()
         {
@@ -105,6 +104,31 @@ pub struct GatewayHandler {
 
 /// JSON-RPC error code of an authorization refusal (the MCP equivalent of 403).
 pub const FORBIDDEN: ErrorCode = ErrorCode(-32003);
+
+/// JSON-RPC error code of a request refused because the gateway is shutting down.
+pub const SHUTTING_DOWN: ErrorCode = ErrorCode(-32004);
+
+/// An upstream failure with structured data (`reason` names the kind).
+fn upstream_error(message: String, reason: &str, data: serde_json::Value) -> McpError {
+    let mut d = serde_json::json!({"reason": reason});
+    if let (Some(m), serde_json::Value::Object(extra)) = (d.as_object_mut(), data) {
+        m.extend(extra);
+    }
+    McpError::new(ErrorCode::INTERNAL_ERROR, message, Some(d))
+}
+
+/// How one attempt of a forwarded request ended, when not with an answer.
+enum AttemptError {
+    /// The upstream answered with a JSON-RPC error: it is alive.
+    Answered(McpError),
+    /// No answer within the attempt's timeout; the request was cancelled upstream.
+    Timeout(Duration),
+    /// The client cancelled the request.
+    Cancelled,
+    /// No connection, or it failed before an answer; `started` is true once
+    /// the upstream has sent progress for the request (then it is not retried).
+    Transport { message: String, started: bool },
+}
 
 fn forbidden(message: String, reason: &str, extra: serde_json::Value) -> McpError {
     metrics::counter!("gateway_errors_total", "type" => "forbidden").increment(1);
@@ -174,15 +198,18 @@ fn outcome<T>(r: &Result<T, McpError>) -> &'static str {
 impl GatewayHandler {
     /// A handler for a new session over `transport` (`streamable_http`, `sse`).
     pub fn new(gw: Arc<Gateway>, auth: Arc<Auth>, transport: &'static str) -> GatewayHandler {
+        let entry = Arc::new(ClientEntry::new(transport));
+        gw.clients.register(&entry);
         GatewayHandler {
-            gw,
+            gw: gw.clone(),
             auth,
             bound: None,
             session: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
             state: Arc::new(SessionState {
                 peer: OnceLock::new(),
                 client: OnceLock::new(),
-                conns: AsyncMutex::new(HashMap::new()),
+                entry,
+                gw,
                 log_level: Mutex::new(None),
                 change_task: Mutex::new(None),
                 transport,
@@ -198,6 +225,32 @@ impl GatewayHandler {
         self
     }
 
+    /// Names the session by its transport id and lets the admin API close it
+    /// through `closer` (transports that own their session task).
+    pub fn with_session(
+        self,
+        id: &str,
+        closer: tokio_util::sync::CancellationToken,
+    ) -> GatewayHandler {
+        let _ = self.state.entry.session_id.set(id.to_owned());
+        let _ = self.state.entry.closer.set(closer);
+        self
+    }
+
+    /// The session's registry entry.
+    pub fn entry(&self) -> &Arc<ClientEntry> {
+        &self.state.entry
+    }
+
+    /// The session's outbound queue, created on first use.
+    fn outbox(&self, peer: &Peer<RoleServer>) -> Arc<Outbox> {
+        self.state
+            .entry
+            .outbox
+            .get_or_init(|| Outbox::start(peer.clone(), self.gw.config.backpressure))
+            .clone()
+    }
+
     /// Who sent the request, checked to hold `needed` for `method`.
     fn caller(
         &self,
@@ -205,6 +258,26 @@ impl GatewayHandler {
         needed: &str,
         method: &str,
     ) -> Result<Arc<Principal>, McpError> {
+        let entry = &self.state.entry;
+        if entry.session_id.get().is_none()
+            && let Some(id) = ctx
+                .extensions
+                .get::<http::request::Parts>()
+                .and_then(|p| p.headers.get("mcp-session-id"))
+                .and_then(|v| v.to_str().ok())
+        {
+            let _ = entry.session_id.set(id.to_owned());
+        }
+        entry.record(true);
+        if self.gw.inflight.is_draining() {
+            return Err(McpError::new(
+                SHUTTING_DOWN,
+                format!(
+                    "{method}: the gateway is shutting down and takes no new requests; retry against another instance or after it restarts"
+                ),
+                Some(serde_json::json!({"reason": "shutting_down", "http_status": 503})),
+            ));
+        }
         let p = request_principal(ctx)
             .or_else(|| self.bound.clone())
             .ok_or_else(|| {
@@ -223,6 +296,12 @@ impl GatewayHandler {
                 "insufficient_scope",
                 serde_json::json!({"scope": needed}),
             ));
+        }
+        if entry.owner.get().is_none() {
+            let _ = entry.owner.set(Owner {
+                tenant: p.tenant.clone(),
+                subject: p.subject.clone(),
+            });
         }
         Ok(p)
     }
@@ -251,49 +330,30 @@ impl GatewayHandler {
 
     /// The connection to use for a call to `up`: this session's own connection
     /// for Streamable HTTP upstreams, the shared one for stdio upstreams.
+    /// `Err` says why there is none (a transport failure, retried).
     async fn connection(
         &self,
         up: &Arc<Upstream>,
         client_peer: &Peer<RoleServer>,
-    ) -> Result<(Peer<RoleClient>, ProgressMap, Option<InFlightGuard>), McpError> {
-        let unavailable = |why: String| {
-            metrics::counter!("gateway_errors_total", "type" => "upstream_unavailable")
-                .increment(1);
-            err(
-                ErrorCode::INTERNAL_ERROR,
-                format!(
-                    "upstream `{}` is unavailable: {why}; its tools fail until it recovers (see GET /health/upstreams/{}), other upstreams are unaffected",
-                    up.config.name, up.config.name
-                ),
-            )
-        };
-        if !up.config.enabled {
-            return Err(err(
-                ErrorCode::INVALID_REQUEST,
-                format!(
-                    "upstream `{}` is disabled in the configuration",
-                    up.config.name
-                ),
-            ));
-        }
+    ) -> Result<(Peer<RoleClient>, ProgressMap, Option<InFlightGuard>), String> {
+        let client = self.outbox(client_peer);
         if !up.per_session() {
             let shared = up
                 .shared()
                 .await
                 .filter(|s| !s.conn.is_transport_closed())
-                .ok_or_else(|| {
-                    unavailable(up.status().0.label().to_owned() + " (no live connection)")
-                })?;
-            let guard = up.inflight.enter(self.session, client_peer.clone());
+                .ok_or_else(|| format!("{} (no live connection)", up.status().0.label()))?;
+            let guard = up.inflight.enter(self.session, client);
             return Ok((
                 shared.conn.peer().clone(),
                 shared.progress.clone(),
                 Some(guard),
             ));
         }
-        let mut conns = self.state.conns.lock().await;
+        let mut conns = self.state.entry.conns.lock().await;
         if let Some(c) = conns.get(&up.index) {
             if !c.conn.is_transport_closed() {
+                c.touch();
                 return Ok((c.conn.peer().clone(), c.progress.clone(), None));
             }
             conns.remove(&up.index);
@@ -302,7 +362,7 @@ impl GatewayHandler {
             up.index,
             &up.config.name,
             self.gw.namer.clone(),
-            RelayTarget::Session(client_peer.clone()),
+            RelayTarget::Session(client),
             self.state.client.get(),
             self.gw.change_events(),
         );
@@ -310,7 +370,7 @@ impl GatewayHandler {
             .await
             .map_err(|e| {
                 self.gw.report_failure(up, &e.to_string());
-                unavailable(e.to_string())
+                e.to_string()
             })?;
         let level = self.state.log_level.lock().ok().and_then(|l| *l);
         if let Some(level) = level
@@ -324,28 +384,206 @@ impl GatewayHandler {
                 .await;
         }
         let peer = conn.peer().clone();
-        conns.insert(
-            up.index,
-            Arc::new(SessionConn {
-                conn,
-                progress: progress.clone(),
-            }),
-        );
+        let c = Arc::new(SessionConn {
+            conn,
+            progress: progress.clone(),
+            last_used: Default::default(),
+        });
+        c.touch();
+        conns.insert(up.index, c);
         Ok((peer, progress, None))
     }
 
-    /// Sends `request` to upstream `index` on behalf of the client request in `ctx`.
+    /// Sends `request` to upstream `index` on behalf of the client request in
+    /// `ctx`: through the upstream's circuit breaker and call pool, with the
+    /// call timeout of `tool` per attempt, and retries with exponential
+    /// backoff and full jitter after transport failures (never after an
+    /// answer, a timeout or progress), all within the request's deadline.
     async fn forward(
         &self,
         index: usize,
         request: ClientRequest,
         ctx: &RequestContext<RoleServer>,
+        tool: Option<&str>,
     ) -> Result<ServerResult, McpError> {
         let up = self.upstream(index)?.clone();
-        let (peer, progress, _inflight) = self.connection(&up, &ctx.peer).await?;
+        if !up.config.enabled {
+            return Err(err(
+                ErrorCode::INVALID_REQUEST,
+                format!(
+                    "upstream `{}` is disabled in the configuration",
+                    up.config.name
+                ),
+            ));
+        }
+        let _tracked = self.gw.inflight.track();
+        let started = Instant::now();
+        let timeout = up.config.call_timeout(tool);
+        let deadline = up.config.call_deadline(tool);
+        let retry = up.config.retry.policy();
+        let name = &up.config.name;
+        let mut request = Some(request);
+        let mut attempt: u32 = 1;
+        loop {
+            if let Err(retry_after) = up.traffic.admit() {
+                metrics::counter!("gateway_errors_total", "type" => "circuit_open").increment(1);
+                self.state.entry.record(false);
+                let ms = retry_after.as_millis() as u64;
+                return Err(upstream_error(
+                    format!(
+                        "circuit_open: upstream `{name}` is failing, so its circuit breaker is open and calls fail fast; it lets a probe through in {ms} ms. Operators can reset it with POST /admin/circuit-breakers/{name}/reset"
+                    ),
+                    "circuit_open",
+                    serde_json::json!({"upstream": name, "retry_after_ms": ms, "http_status": 503}),
+                ));
+            }
+            let budget = deadline.saturating_sub(started.elapsed());
+            let lease = match up.traffic.checkout(budget).await {
+                Ok(l) => l,
+                Err(PoolTimeout { waited, capacity }) => {
+                    up.traffic.on_ignored();
+                    self.state.entry.record(false);
+                    return Err(upstream_error(
+                        format!(
+                            "pool_timeout: no free call slot in pool `{name}` within {} ms (all {capacity} slots, upstreams.pool.size + overflow, are busy); retry later or raise the pool size",
+                            waited.as_millis()
+                        ),
+                        "pool_timeout",
+                        serde_json::json!({"pool": name, "upstream": name, "waited_ms": waited.as_millis() as u64, "capacity": capacity, "http_status": 503}),
+                    ));
+                }
+            };
+            let this_timeout = timeout
+                .min(deadline.saturating_sub(started.elapsed()))
+                .max(Duration::from_millis(1));
+            let req = if attempt < retry.max_attempts {
+                request.clone()
+            } else {
+                request.take()
+            };
+            let Some(req) = req else {
+                return Err(err(
+                    ErrorCode::INTERNAL_ERROR,
+                    "internal: the request was already sent".into(),
+                ));
+            };
+            let outcome = self.attempt(&up, req, ctx, this_timeout).await;
+            drop(lease);
+            let failure = match outcome {
+                Ok(r) => {
+                    up.traffic.on_success();
+                    return Ok(r);
+                }
+                Err(AttemptError::Answered(e)) => {
+                    up.traffic.on_success();
+                    return Err(e);
+                }
+                Err(AttemptError::Cancelled) => {
+                    up.traffic.on_ignored();
+                    metrics::counter!("gateway_cancellations_total").increment(1);
+                    return Err(err(
+                        ErrorCode::INTERNAL_ERROR,
+                        "request cancelled by the client".into(),
+                    ));
+                }
+                Err(AttemptError::Timeout(t)) => {
+                    up.traffic.on_failure();
+                    self.state.entry.record(false);
+                    metrics::counter!("gateway_errors_total", "type" => "upstream_timeout")
+                        .increment(1);
+                    let which = if t < timeout {
+                        format!(
+                            "the request's {}s deadline (deadline_secs)",
+                            deadline.as_secs_f64()
+                        )
+                    } else if tool.is_some_and(|t| up.config.tool_timeouts.contains_key(t)) {
+                        format!("{}s (tool_timeouts)", t.as_secs_f64())
+                    } else {
+                        format!("{}s (timeout_secs)", t.as_secs_f64())
+                    };
+                    return Err(upstream_error(
+                        format!(
+                            "upstream `{name}` did not answer within {which}; the request was cancelled upstream"
+                        ),
+                        "upstream_timeout",
+                        serde_json::json!({"upstream": name, "timeout_ms": t.as_millis() as u64, "attempts": attempt, "http_status": 504}),
+                    ));
+                }
+                Err(AttemptError::Transport {
+                    message,
+                    started: answering,
+                }) => {
+                    up.traffic.on_failure();
+                    (message, answering)
+                }
+            };
+            let (message, answering) = failure;
+            let elapsed = started.elapsed();
+            let next = if answering {
+                None
+            } else {
+                retry.next_delay(
+                    attempt,
+                    unit_random(),
+                    elapsed,
+                    deadline,
+                    Duration::from_millis(10),
+                )
+            };
+            let Some(wait) = next else {
+                self.state.entry.record(false);
+                metrics::counter!("gateway_errors_total", "type" => "upstream_unavailable")
+                    .increment(1);
+                let why = if answering {
+                    "the upstream had started answering, so it was not retried".to_owned()
+                } else if attempt >= retry.max_attempts {
+                    format!("gave up after {attempt} attempt(s) (retry.max_attempts)")
+                } else {
+                    format!(
+                        "gave up after {attempt} attempt(s): another would pass the request's {}s deadline",
+                        deadline.as_secs_f64()
+                    )
+                };
+                return Err(upstream_error(
+                    format!(
+                        "upstream `{name}` is unavailable: {message}; {why} in {} ms. Other upstreams are unaffected; see GET /health/upstreams/{name}",
+                        elapsed.as_millis()
+                    ),
+                    "upstream_unavailable",
+                    serde_json::json!({"upstream": name, "attempts": attempt, "elapsed_ms": elapsed.as_millis() as u64, "http_status": 502}),
+                ));
+            };
+            metrics::counter!("gateway_retries_total", "upstream" => name.clone()).increment(1);
+            tracing::debug!(upstream = %name, attempt, wait_ms = wait.as_millis() as u64, error = %message, "retrying after a transport failure");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = ctx.ct.cancelled() => {
+                    metrics::counter!("gateway_cancellations_total").increment(1);
+                    return Err(err(ErrorCode::INTERNAL_ERROR, "request cancelled by the client".into()));
+                }
+            }
+            attempt += 1;
+        }
+    }
+
+    /// One attempt of [`Self::forward`].
+    async fn attempt(
+        &self,
+        up: &Arc<Upstream>,
+        request: ClientRequest,
+        ctx: &RequestContext<RoleServer>,
+        timeout: Duration,
+    ) -> Result<ServerResult, AttemptError> {
+        let (peer, progress, _inflight) =
+            self.connection(up, &ctx.peer)
+                .await
+                .map_err(|message| AttemptError::Transport {
+                    message,
+                    started: false,
+                })?;
         let client_token = ctx.meta.get_progress_token();
         let mut options = PeerRequestOptions::no_options();
-        options.timeout = Some(Duration::from_secs(up.config.timeout_secs));
+        options.timeout = Some(timeout);
         options.meta = Some(ctx.meta.clone());
         // Progress the upstream sends right away waits for the route instead of being dropped.
         let registering = match client_token {
@@ -355,17 +593,19 @@ impl GatewayHandler {
         let handle = peer
             .send_request_with_option(request, options)
             .await
-            .map_err(|e| {
-                err(
-                    ErrorCode::INTERNAL_ERROR,
-                    format!(
-                        "upstream `{}` is unavailable: {e}; retry shortly",
-                        up.config.name
-                    ),
-                )
+            .map_err(|e| AttemptError::Transport {
+                message: format!("sending failed: {e}"),
+                started: false,
             })?;
-        let _progress = client_token.map(|token| {
-            progress.insert(handle.progress_token.clone(), token, ctx.peer.clone());
+        let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let outbox = self.outbox(&ctx.peer);
+        let route = client_token.clone().map(|token| {
+            progress.insert(
+                handle.progress_token.clone(),
+                token,
+                outbox.clone(),
+                seen.clone(),
+            );
             ProgressGuard {
                 map: progress.clone(),
                 token: handle.progress_token.clone(),
@@ -379,33 +619,26 @@ impl GatewayHandler {
                 let _ = peer
                     .notify_cancelled(CancelledNotificationParam::new(Some(id), Some("cancelled by the client".into())))
                     .await;
-                metrics::counter!("gateway_cancellations_total").increment(1);
-                return Err(err(ErrorCode::INTERNAL_ERROR, "request cancelled by the client".into()));
+                return Err(AttemptError::Cancelled);
             }
         };
+        drop(route);
+        // Progress still queued for this call goes out before its result.
+        if let Some(token) = &client_token {
+            outbox.settle_progress(token, Duration::from_secs(1)).await;
+        }
         match result {
             Ok(r) => Ok(r),
-            Err(ServiceError::McpError(e)) => Err(e),
-            Err(ServiceError::Timeout { timeout }) => {
-                metrics::counter!("gateway_errors_total", "type" => "upstream_timeout")
-                    .increment(1);
-                Err(err(
-                    ErrorCode::INTERNAL_ERROR,
-                    format!(
-                        "upstream `{}` did not answer within {}s (timeout_secs); the request was cancelled upstream",
-                        up.config.name,
-                        timeout.as_secs()
-                    ),
-                ))
-            }
+            Err(ServiceError::McpError(e)) => Err(AttemptError::Answered(e)),
+            Err(ServiceError::Timeout { timeout }) => Err(AttemptError::Timeout(timeout)),
             Err(e) => {
                 metrics::counter!("gateway_errors_total", "type" => "upstream_transport")
                     .increment(1);
-                self.gw.report_failure(&up, &e.to_string());
-                Err(err(
-                    ErrorCode::INTERNAL_ERROR,
-                    format!("upstream `{}` failed while answering: {e}", up.config.name),
-                ))
+                self.gw.report_failure(up, &e.to_string());
+                Err(AttemptError::Transport {
+                    message: format!("failed while answering: {e}"),
+                    started: seen.load(Ordering::Acquire),
+                })
             }
         }
     }
@@ -422,7 +655,9 @@ impl GatewayHandler {
     ) -> Result<(), McpError> {
         let p = self.caller(ctx, scope::MCP_READ, method)?;
         let (idx, original) = self.route_visible_uri(uri, &p)?;
-        self.forward(idx, build(original), ctx).await.map(|_| ())
+        self.forward(idx, build(original), ctx, None)
+            .await
+            .map(|_| ())
     }
 
     /// [`Self::route_uri`], refusing URIs of upstreams the principal's tenant
@@ -551,12 +786,23 @@ impl GatewayHandler {
             record("tools/call", Some(&exposed), started, "denied");
             return Err(e);
         }
+        if let Err(hit) = self
+            .gw
+            .limits
+            .check(&self.gw.limits.call_checks(&exposed, &self.state.entry.id))
+        {
+            record("tools/call", Some(&exposed), started, "rate_limited");
+            self.state.entry.record(false);
+            return Err(hit.mcp_error());
+        }
+        let original = route.original.clone();
         request.name = route.original.into();
         let r = self
             .forward(
                 route.upstream,
                 ClientRequest::CallToolRequest(CallToolRequest::new(request)),
                 ctx,
+                Some(&original),
             )
             .await;
         let r = match r {
@@ -659,7 +905,12 @@ impl GatewayHandler {
     }
 
     fn start_change_forwarding(&self, peer: Peer<RoleServer>) {
+        use rmcp::model::{
+            PromptListChangedNotification, ResourceListChangedNotification, ServerNotification,
+            ToolListChangedNotification,
+        };
         let mut rx = self.gw.subscribe_changes();
+        let outbox = self.outbox(&peer);
         let task = tokio::spawn(async move {
             loop {
                 let kind = match rx.recv().await {
@@ -667,14 +918,21 @@ impl GatewayHandler {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => ListKind::Tools,
                     Err(_) => return,
                 };
-                let sent = match kind {
-                    ListKind::Tools => peer.notify_tool_list_changed().await,
-                    ListKind::Prompts => peer.notify_prompt_list_changed().await,
-                    ListKind::Resources => peer.notify_resource_list_changed().await,
+                let n = match kind {
+                    ListKind::Tools => ServerNotification::ToolListChangedNotification(
+                        ToolListChangedNotification::default(),
+                    ),
+                    ListKind::Prompts => ServerNotification::PromptListChangedNotification(
+                        PromptListChangedNotification::default(),
+                    ),
+                    ListKind::Resources => ServerNotification::ResourceListChangedNotification(
+                        ResourceListChangedNotification::default(),
+                    ),
                 };
-                if sent.is_err() && peer.is_transport_closed() {
+                if peer.is_transport_closed() {
                     return;
                 }
+                outbox.push(n).await;
             }
         });
         if let Ok(mut t) = self.state.change_task.lock()
@@ -726,6 +984,10 @@ impl ServerHandler for GatewayHandler {
         self.caller(&context, scope::MCP_READ, "initialize")?;
         context.peer.set_peer_info(request.clone());
         let _ = self.state.client.set(request.clone());
+        let _ = self.state.entry.client.set((
+            request.protocol_version.clone(),
+            request.client_info.name.clone(),
+        ));
         if self.state.peer.set(context.peer.clone()).is_ok() {
             self.start_change_forwarding(context.peer.clone());
             if !self.state.counted.swap(true, Ordering::Relaxed) {
@@ -862,6 +1124,7 @@ impl ServerHandler for GatewayHandler {
                 route.upstream,
                 ClientRequest::GetPromptRequest(GetPromptRequest::new(request)),
                 &ctx,
+                None,
             )
             .await
         {
@@ -926,6 +1189,7 @@ impl ServerHandler for GatewayHandler {
                 idx,
                 ClientRequest::ReadResourceRequest(ReadResourceRequest::new(request)),
                 &ctx,
+                None,
             )
             .await
         {
@@ -1025,6 +1289,7 @@ impl ServerHandler for GatewayHandler {
                 idx,
                 ClientRequest::CompleteRequest(CompleteRequest::new(request)),
                 &ctx,
+                None,
             )
             .await?
         {
@@ -1045,8 +1310,15 @@ impl ServerHandler for GatewayHandler {
         if let Ok(mut l) = self.state.log_level.lock() {
             *l = Some(request.level);
         }
-        let conns: Vec<Arc<SessionConn>> =
-            self.state.conns.lock().await.values().cloned().collect();
+        let conns: Vec<Arc<SessionConn>> = self
+            .state
+            .entry
+            .conns
+            .lock()
+            .await
+            .values()
+            .cloned()
+            .collect();
         for c in conns {
             if c.conn
                 .peer_info()

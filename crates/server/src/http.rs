@@ -39,6 +39,8 @@ pub struct AppState {
     pub legacy: Arc<LegacySessions>,
     /// Authentication, authorization and audit.
     pub auth: Arc<Auth>,
+    /// Streamable HTTP sessions of this process.
+    pub mcp_sessions: Arc<LocalSessionManager>,
 }
 
 /// A JSON-RPC error response with the HTTP status that goes with it.
@@ -252,7 +254,7 @@ pub fn router(state: AppState) -> Router {
                 "streamable_http",
             ))
         },
-        Arc::new(LocalSessionManager::default()),
+        state.mcp_sessions.clone(),
         mcp_config,
     );
     let limit = cfg.max_request_body_bytes;
@@ -265,6 +267,7 @@ pub fn router(state: AppState) -> Router {
             ));
     let auth = state.auth.clone();
     Router::new()
+        .merge(crate::admin::routes())
         .route("/health", get(health))
         .route("/health/store", get(health_store))
         .route("/health/upstreams", get(health_upstreams))
@@ -278,6 +281,10 @@ pub fn router(state: AppState) -> Router {
         .merge(mcp_routes)
         .merge(crate::auth::api::routes().with_state(auth.clone()))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            gw.clone(),
+            crate::limits::rate_limit,
+        ))
         .layer(middleware::from_fn_with_state(
             auth,
             crate::auth::middleware::authenticate,
@@ -458,7 +465,7 @@ async fn health_unknown(Path(component): Path<String>) -> Response {
 async fn ready(State(s): State<AppState>) -> Response {
     if s.gw.is_ready() {
         (StatusCode::OK, Json(json!({"ready": true}))).into_response()
-    } else if s.gw.shutdown.is_cancelled() {
+    } else if s.gw.shutdown.is_cancelled() || s.gw.inflight.is_draining() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"ready": false, "reason": "shutting down"})),
@@ -474,6 +481,10 @@ async fn ready(State(s): State<AppState>) -> Response {
 }
 
 async fn render_metrics(State(s): State<AppState>) -> Response {
+    // A breaker whose open timeout has passed is half-open by now.
+    for up in &s.gw.upstreams {
+        up.traffic.breaker_state();
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

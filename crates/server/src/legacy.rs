@@ -119,6 +119,14 @@ pub async fn open_stream(
             "internal: GET /sse reached without an authenticated principal".into(),
         );
     };
+    if state.gw.inflight.is_draining() {
+        return jsonrpc_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            -32004,
+            "the gateway is shutting down and opens no new sessions; connect to another instance or retry after it restarts".into(),
+        );
+    }
     let id = uuid::Uuid::new_v4().simple().to_string();
     state.auth.remember_session_owner(&id, &principal).await;
     let (in_tx, in_rx) = mpsc::channel::<ClientJsonRpcMessage>(QUEUE);
@@ -126,7 +134,8 @@ pub async fn open_stream(
     let ct = state.gw.shutdown.child_token();
     state.legacy.insert(&id, in_tx);
     let handler = GatewayHandler::new(state.gw.clone(), state.auth.clone(), "sse")
-        .with_principal(principal.clone());
+        .with_principal(principal.clone())
+        .with_session(&id, ct.clone());
     let auth = state.auth.clone();
     let gw = state.gw.clone();
     let sessions = state.legacy.clone();
@@ -179,8 +188,19 @@ pub async fn open_stream(
         });
         Ok(Event::default().event("message").data(data))
     });
+    // When the session ends because the gateway is shutting down, the
+    // client gets a last event saying so before the stream closes.
+    let gw = state.gw.clone();
+    let farewell = futures::stream::once(async move { gw.inflight.is_draining() })
+        .filter_map(|draining| {
+            futures::future::ready(draining.then(|| {
+                Ok(Event::default().event("shutdown").data(
+                    r#"{"reason":"shutting_down","message":"meshgate is shutting down; reconnect to another instance or after it restarts"}"#,
+                ))
+            }))
+        });
     let keep_alive = state.gw.config.mcp.sse_keep_alive_secs.max(1);
-    Sse::new(endpoint.chain(messages))
+    Sse::new(endpoint.chain(messages).chain(farewell))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(keep_alive)))
         .into_response()
 }

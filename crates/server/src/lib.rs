@@ -6,7 +6,9 @@
 //! transports; domain rules live in `meshgate-core`, persistence behind
 //! `meshgate-store`.
 
+pub mod admin;
 pub mod auth;
+pub mod clients;
 pub mod gateway;
 pub mod handler;
 pub mod upstream;
@@ -14,5 +16,8 @@ pub mod upstream;
 pub use gateway::Gateway;
 pub mod http;
 pub mod legacy;
+pub mod limits;
+pub mod outbox;
+pub mod resilience;
 pub mod serve;
 pub mod sessions;

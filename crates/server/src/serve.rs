@@ -93,6 +93,7 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
         metrics,
         legacy: Arc::new(LegacySessions::default()),
         auth,
+        mcp_sessions: Arc::default(),
     });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -106,23 +107,56 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
         startup_ms = started.elapsed().as_millis() as u64,
         "meshgate listening"
     );
-    let signal = shutdown.clone();
+    let stop_accepting = CancellationToken::new();
+    let signal = stop_accepting.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutdown requested; draining");
         signal.cancel();
     });
-    let drain = shutdown.clone();
+    let stop = stop_accepting.clone();
     let server = axum::serve(
         listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         }),
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
-    .with_graceful_shutdown(async move { drain.cancelled().await });
-    let served = tokio::spawn(async move { server.await });
-    shutdown.cancelled().await;
-    let result = tokio::time::timeout(grace, served).await;
+    .with_graceful_shutdown(async move { stop.cancelled().await });
+    let mut served = tokio::spawn(async move { server.await });
+    tokio::select! {
+        _ = stop_accepting.cancelled() => {}
+        r = &mut served => {
+            // The server ended on its own: an accept error.
+            shutdown.cancel();
+            return match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e).context("server error"),
+                Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),
+            };
+        }
+    }
+    // Drain: the listener is closed, new requests on open connections are
+    // refused, clients are told, and in-flight requests get up to
+    // shutdown_grace_secs to finish.
+    let in_flight = gw.inflight.count();
+    tracing::info!(
+        in_flight,
+        grace_secs = grace.as_secs(),
+        "shutdown requested; draining"
+    );
+    let drained = async { gw.inflight.drain(grace).await };
+    let notice = announce_shutdown(&gw, grace);
+    let (left, ()) = tokio::join!(drained, notice);
+    if left > 0 {
+        tracing::warn!(
+            left,
+            grace_secs = grace.as_secs(),
+            "requests still in flight after shutdown_grace_secs; cancelling them"
+        );
+    }
+    // Ends every session (SSE streams close, legacy streams get a final
+    // `shutdown` event) and the background tasks.
+    shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(5), served).await;
     if !audit.flush(Duration::from_secs(5)).await {
         tracing::warn!(
             "the audit log could not be flushed within 5 s; the newest entries may be missing"
@@ -132,12 +166,27 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
         Ok(Ok(Ok(()))) => tracing::info!("drained; bye"),
         Ok(Ok(Err(e))) => return Err(e).context("server error"),
         Ok(Err(e)) => return Err(anyhow::anyhow!("server task failed: {e}")),
-        Err(_) => tracing::warn!(
-            grace_secs = grace.as_secs(),
-            "open connections did not finish within shutdown_grace_secs; closing them"
-        ),
+        Err(_) => tracing::warn!("connections still open 5 s after the drain; closing them"),
     }
     Ok(())
+}
+
+/// Tells every connected client, with a `notifications/message` at level
+/// `warning` (logger `meshgate`), that the gateway is going away.
+async fn announce_shutdown(gw: &Gateway, grace: Duration) {
+    for client in gw.clients.live() {
+        let Some(outbox) = client.outbox.get() else {
+            continue;
+        };
+        let n = crate::outbox::warning(
+            "meshgate",
+            serde_json::json!({
+                "message": format!("meshgate is shutting down: requests in flight may finish within {} s, new ones are refused; reconnect to another instance or after the restart", grace.as_secs()),
+                "reason": "shutting_down",
+            }),
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), outbox.push(n)).await;
+    }
 }
 
 async fn wait_for_signal() {

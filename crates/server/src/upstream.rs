@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -24,12 +24,15 @@ use rmcp::model::{
     LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
     ResourceUpdatedNotificationParam,
 };
-use rmcp::service::{NotificationContext, Peer, RequestContext, RunningService};
+use rmcp::model::{LoggingMessageNotification, ResourceUpdatedNotification, ServerNotification};
+use rmcp::service::{NotificationContext, RequestContext, RunningService};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
-use rmcp::{ClientHandler, ErrorData as McpError, RoleClient, RoleServer, serve_client};
+use rmcp::{ClientHandler, ErrorData as McpError, RoleClient, serve_client};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
+
+use crate::outbox::Outbox;
 
 /// A live connection to an upstream.
 pub type UpstreamConnection = RunningService<RoleClient, UpstreamRelay>;
@@ -85,23 +88,23 @@ pub enum RelayTarget {
     /// The shared connection: only progress of known calls is relayed exactly;
     /// other requests go to the one session with calls in flight, if there is one.
     Shared(Arc<InFlight>),
-    /// A connection owned by one client session.
-    Session(Peer<RoleServer>),
+    /// A connection owned by one client session (its outbound queue).
+    Session(Arc<Outbox>),
 }
 
 /// Calls in flight on a shared connection, by session.
 #[derive(Default)]
 pub struct InFlight {
-    calls: Mutex<HashMap<u64, (u64, Peer<RoleServer>)>>,
+    calls: Mutex<HashMap<u64, (u64, Arc<Outbox>)>>,
     next: AtomicU64,
 }
 
 impl InFlight {
     /// Registers a call from `session`; the guard unregisters it.
-    pub fn enter(self: &Arc<Self>, session: u64, peer: Peer<RoleServer>) -> InFlightGuard {
+    pub fn enter(self: &Arc<Self>, session: u64, client: Arc<Outbox>) -> InFlightGuard {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut calls) = self.calls.lock() {
-            calls.insert(key, (session, peer));
+            calls.insert(key, (session, client));
         }
         InFlightGuard {
             owner: self.clone(),
@@ -110,9 +113,9 @@ impl InFlight {
     }
 
     /// The single session with calls in flight, if exactly one has.
-    fn sole_session(&self) -> Result<Peer<RoleServer>, &'static str> {
+    fn sole_session(&self) -> Result<Arc<Outbox>, &'static str> {
         let calls = self.calls.lock().map_err(|_| "internal lock poisoned")?;
-        let mut found: Option<&(u64, Peer<RoleServer>)> = None;
+        let mut found: Option<&(u64, Arc<Outbox>)> = None;
         for entry in calls.values() {
             match found {
                 Some(f) if f.0 != entry.0 => {
@@ -156,11 +159,15 @@ pub struct UpstreamRelay {
     changes: mpsc::Sender<ListChanged>,
 }
 
+/// Where progress of one call goes: the client's token, its queue, and
+/// whether any progress has arrived (the upstream has started answering).
+type ProgressRoute = (ProgressToken, Arc<Outbox>, Arc<AtomicBool>);
+
 /// Progress routing of one connection: upstream progress token (assigned by
-/// our client) → (client's token, client peer).
+/// our client) → the client's route.
 #[derive(Default)]
 pub struct ProgressRoutes {
-    routes: Mutex<HashMap<ProgressToken, (ProgressToken, Peer<RoleServer>)>>,
+    routes: Mutex<HashMap<ProgressToken, ProgressRoute>>,
     /// Write-held by a caller from sending its request until its route is
     /// registered, read-held by the relay while it looks a route up: a fast
     /// upstream's first progress notification can arrive before the route
@@ -175,15 +182,17 @@ impl ProgressRoutes {
         self.registering.write().await
     }
 
-    /// Routes progress carrying `upstream` to `client_token` at `peer`.
+    /// Routes progress carrying `upstream` to `client_token` at `client`;
+    /// `seen` turns true when the first progress arrives.
     pub fn insert(
         &self,
         upstream: ProgressToken,
         client_token: ProgressToken,
-        peer: Peer<RoleServer>,
+        client: Arc<Outbox>,
+        seen: Arc<AtomicBool>,
     ) {
         if let Ok(mut m) = self.routes.lock() {
-            m.insert(upstream, (client_token, peer));
+            m.insert(upstream, (client_token, client, seen));
         }
     }
 
@@ -194,7 +203,7 @@ impl ProgressRoutes {
         }
     }
 
-    async fn route(&self, upstream: &ProgressToken) -> Option<(ProgressToken, Peer<RoleServer>)> {
+    async fn route(&self, upstream: &ProgressToken) -> Option<ProgressRoute> {
         let _registered = self.registering.read().await;
         self.routes
             .lock()
@@ -253,9 +262,9 @@ impl UpstreamRelay {
         )
     }
 
-    fn request_target(&self, what: &str) -> Result<Peer<RoleServer>, McpError> {
+    fn request_target(&self, what: &str) -> Result<Arc<Outbox>, McpError> {
         match &self.target {
-            RelayTarget::Session(peer) => Ok(peer.clone()),
+            RelayTarget::Session(client) => Ok(client.clone()),
             RelayTarget::Shared(inflight) => inflight.sole_session().map_err(|why| {
                 McpError::new(
                     ErrorCode::INTERNAL_ERROR,
@@ -296,8 +305,10 @@ impl ClientHandler for UpstreamRelay {
         params: CreateMessageRequestParams,
         _context: RequestContext<RoleClient>,
     ) -> Result<CreateMessageResult, McpError> {
-        let peer = self.request_target("sampling/createMessage")?;
-        peer.create_message(params)
+        let client = self.request_target("sampling/createMessage")?;
+        client
+            .peer()
+            .create_message(params)
             .await
             .map_err(|e| relay_error("sampling/createMessage", &self.name, e))
     }
@@ -307,8 +318,10 @@ impl ClientHandler for UpstreamRelay {
         params: ElicitRequestParams,
         _context: RequestContext<RoleClient>,
     ) -> Result<ElicitResult, McpError> {
-        let peer = self.request_target("elicitation/create")?;
-        peer.create_elicitation(params)
+        let client = self.request_target("elicitation/create")?;
+        client
+            .peer()
+            .create_elicitation(params)
             .await
             .map_err(|e| relay_error("elicitation/create", &self.name, e))
     }
@@ -317,8 +330,10 @@ impl ClientHandler for UpstreamRelay {
         &self,
         _context: RequestContext<RoleClient>,
     ) -> Result<ListRootsResult, McpError> {
-        let peer = self.request_target("roots/list")?;
-        peer.list_roots()
+        let client = self.request_target("roots/list")?;
+        client
+            .peer()
+            .list_roots()
             .await
             .map_err(|e| relay_error("roots/list", &self.name, e))
     }
@@ -329,9 +344,10 @@ impl ClientHandler for UpstreamRelay {
         _context: NotificationContext<RoleClient>,
     ) {
         let route = self.progress.route(&params.progress_token).await;
-        if let Some((client_token, peer)) = route {
+        if let Some((client_token, client, seen)) = route {
+            seen.store(true, Ordering::Release);
             params.progress_token = client_token;
-            let _ = peer.notify_progress(params).await;
+            client.progress(params).await;
         }
     }
 
@@ -340,14 +356,13 @@ impl ClientHandler for UpstreamRelay {
         params: LoggingMessageNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
+        let log = |params| {
+            ServerNotification::LoggingMessageNotification(LoggingMessageNotification::new(params))
+        };
         match &self.target {
-            RelayTarget::Session(peer) => {
-                let _ = peer.notify_logging_message(params).await;
-            }
+            RelayTarget::Session(client) => client.push(log(params)).await,
             RelayTarget::Shared(inflight) => match inflight.sole_session() {
-                Ok(peer) => {
-                    let _ = peer.notify_logging_message(params).await;
-                }
+                Ok(client) => client.push(log(params)).await,
                 Err(_) => {
                     tracing::info!(upstream = %self.name, level = ?params.level, data = %params.data, "upstream log message")
                 }
@@ -360,9 +375,13 @@ impl ClientHandler for UpstreamRelay {
         mut params: ResourceUpdatedNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        if let RelayTarget::Session(peer) = &self.target {
+        if let RelayTarget::Session(client) = &self.target {
             params.uri = self.namer.uri(&self.name, &params.uri);
-            let _ = peer.notify_resource_updated(params).await;
+            client
+                .push(ServerNotification::ResourceUpdatedNotification(
+                    ResourceUpdatedNotification::new(params),
+                ))
+                .await;
         }
     }
 

@@ -458,6 +458,7 @@ async fn refresh(
                 scopes: key.scopes.clone(),
                 key_id: Some(key.id.clone()),
                 kind: CredentialKind::AccessToken,
+                rate_limit_per_minute: key.rate_limit_per_minute,
             };
             auth.audit
                 .record(entry(
@@ -491,6 +492,7 @@ async fn refresh(
                     scopes: vec![],
                     key_id: Some(key_id.clone()),
                     kind: CredentialKind::AccessToken,
+                    rate_limit_per_minute: None,
                 },
                 "token.reuse",
                 &key_id,

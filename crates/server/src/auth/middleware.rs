@@ -37,6 +37,14 @@ pub fn is_public(path: &str) -> bool {
 /// authenticated caller). MCP methods are checked per method by the handler.
 pub fn route_scope(method: &Method, path: &str) -> Option<&'static str> {
     let write = !matches!(*method, Method::GET | Method::HEAD);
+    if path.starts_with("/admin/")
+        || path.starts_with("/mcp/admin/")
+        || path == "/mcp/stats"
+        || path.starts_with("/mcp/health/")
+        || path == "/health/gateway"
+    {
+        return Some(scope::ADMIN);
+    }
     if path == "/mcp" || path.starts_with("/mcp/") || path == "/sse" || path == "/messages" {
         return Some(scope::MCP_READ);
     }

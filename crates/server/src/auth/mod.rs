@@ -654,6 +654,7 @@ impl Auth {
                 scopes,
                 key_id: Some(key.id.clone()),
                 kind: CredentialKind::AccessToken,
+                rate_limit_per_minute: key.rate_limit_per_minute,
             };
             return Ok((principal, Some(claims.fam)));
         }
@@ -700,6 +701,7 @@ pub fn principal_of(record: &ApiKeyRecord, kind: CredentialKind) -> Result<Princ
         scopes: record.scopes.clone(),
         key_id: Some(record.id.clone()),
         kind,
+        rate_limit_per_minute: record.rate_limit_per_minute,
     })
 }
 

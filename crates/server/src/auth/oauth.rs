@@ -251,6 +251,7 @@ impl OAuthVerifier {
             scopes,
             key_id: None,
             kind: CredentialKind::OAuth,
+            rate_limit_per_minute: None,
         })
     }
 }
