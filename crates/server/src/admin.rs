@@ -70,8 +70,67 @@ fn error(status: StatusCode, reason: &str, message: String) -> Response {
         .into_response()
 }
 
-/// Who made an admin request, for the audit log.
+/// Who made an admin request.
 type Caller = Option<Extension<RequestPrincipal>>;
+
+/// What a caller may see and act on: its own tenant's sessions, keys and
+/// upstreams, or everything with `tenants:*`.
+struct Reach {
+    tenant: String,
+    all: bool,
+}
+
+impl Reach {
+    fn of(who: &Caller) -> Reach {
+        match who {
+            Some(Extension(RequestPrincipal(p))) => Reach {
+                tenant: p.tenant.clone(),
+                all: p.has_scope(meshgate_core::auth::scope::ALL_TENANTS),
+            },
+            None => Reach {
+                tenant: String::new(),
+                all: false,
+            },
+        }
+    }
+
+    fn tenant(&self, t: &str) -> bool {
+        self.all || self.tenant == t
+    }
+
+    fn client(&self, c: &crate::clients::ClientEntry) -> bool {
+        self.all || c.owner.get().is_some_and(|o| o.tenant == self.tenant)
+    }
+
+    /// The open sessions it may see.
+    fn clients(&self, s: &AppState) -> Vec<std::sync::Arc<crate::clients::ClientEntry>> {
+        s.gw.clients
+            .live()
+            .into_iter()
+            .filter(|c| self.client(c))
+            .collect()
+    }
+
+    /// May see the upstream (its own tenant's, or shared).
+    fn sees(&self, up: &crate::gateway::Upstream) -> bool {
+        self.all || up.config.shared || up.config.tenant == self.tenant
+    }
+
+    /// May change the upstream's state (its own tenant's, not shared).
+    fn manages(&self, up: &crate::gateway::Upstream) -> bool {
+        self.all || (!up.config.shared && up.config.tenant == self.tenant)
+    }
+}
+
+fn needs_all_tenants(what: &str) -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        "cross_tenant",
+        format!(
+            "{what} affects every tenant, so it needs a credential holding scope `tenants:*` (the first admin key has it)"
+        ),
+    )
+}
 
 async fn audit(
     s: &AppState,
@@ -102,8 +161,9 @@ fn error_rate(requests: u64, errors: u64) -> f64 {
 }
 
 /// `GET /health/gateway`.
-async fn gateway_health(State(s): State<AppState>) -> Response {
-    let clients = s.gw.clients.live();
+async fn gateway_health(State(s): State<AppState>, who: Caller) -> Response {
+    let reach = Reach::of(&who);
+    let clients = reach.clients(&s);
     let mut transports: BTreeMap<&str, u64> = BTreeMap::new();
     let (mut requests, mut errors) = (0, 0);
     for c in &clients {
@@ -114,16 +174,18 @@ async fn gateway_health(State(s): State<AppState>) -> Response {
     }
     let mut open_breakers = 0;
     let mut upstreams = Vec::new();
-    for up in &s.gw.upstreams {
+    for up in s.gw.upstreams.iter().filter(|u| reach.sees(u)) {
         let (status, _) = up.status();
         let breaker = up.traffic.breaker_json();
         if breaker["state"] != "closed" {
             open_breakers += 1;
         }
+        let (configured, live) = up.processes().await;
         upstreams.push(json!({
             "name": up.config.name,
             "status": status.label(),
             "transport": up.config.transport,
+            "processes": {"configured": configured, "live": live},
             "restarts": s.gw.restarts(up),
             "breaker": breaker,
             "pool": up.traffic.pool_json(),
@@ -137,6 +199,7 @@ async fn gateway_health(State(s): State<AppState>) -> Response {
         || s.gw
             .upstreams
             .iter()
+            .filter(|u| reach.sees(u))
             .any(|u| u.config.enabled && u.status().0.label() != "up")
     {
         "degraded"
@@ -151,11 +214,15 @@ async fn gateway_health(State(s): State<AppState>) -> Response {
             "sse": transports.get("sse").copied().unwrap_or(0),
         },
         "requests_in_flight": s.gw.inflight.count(),
-        "error_rate": {
-            "open_sessions": error_rate(requests, errors),
-            "since_start": error_rate(totals.0, totals.1),
-            "requests_since_start": totals.0,
-            "errors_since_start": totals.1,
+        "error_rate": if reach.all {
+            json!({
+                "open_sessions": error_rate(requests, errors),
+                "since_start": error_rate(totals.0, totals.1),
+                "requests_since_start": totals.0,
+                "errors_since_start": totals.1,
+            })
+        } else {
+            json!({"open_sessions": error_rate(requests, errors)})
         },
         "open_breakers": open_breakers,
         "upstreams": upstreams,
@@ -164,8 +231,9 @@ async fn gateway_health(State(s): State<AppState>) -> Response {
 }
 
 /// `GET /mcp/stats`.
-async fn stats(State(s): State<AppState>) -> Response {
-    let clients = s.gw.clients.live();
+async fn stats(State(s): State<AppState>, who: Caller) -> Response {
+    let reach = Reach::of(&who);
+    let clients = reach.clients(&s);
     let mut by_transport: BTreeMap<&str, u64> = BTreeMap::new();
     let mut ages = [0u64; 5];
     let (mut age_sum, mut requests, mut errors) = (0.0, 0, 0);
@@ -197,6 +265,7 @@ async fn stats(State(s): State<AppState>) -> Response {
     let pools: Vec<Value> =
         s.gw.upstreams
             .iter()
+            .filter(|u| reach.sees(u))
             .map(|u| u.traffic.pool_json())
             .collect();
     let n = clients.len();
@@ -216,14 +285,16 @@ async fn stats(State(s): State<AppState>) -> Response {
         "outbound": {"pending": pending, "dropped": dropped, "bundled": bundled, "degraded_clients": degraded},
         "pools": pools,
         "requests_in_flight": s.gw.inflight.count(),
+        "tenant": if reach.all { None } else { Some(reach.tenant.clone()) },
     }))
     .into_response()
 }
 
 /// `GET /mcp/health/client/{id}`: by gateway client id (`c-<n>`) or by the
 /// transport's session id.
-async fn client_health(State(s): State<AppState>, Path(id): Path<String>) -> Response {
-    match s.gw.clients.find(&id) {
+async fn client_health(State(s): State<AppState>, Path(id): Path<String>, who: Caller) -> Response {
+    let reach = Reach::of(&who);
+    match s.gw.clients.find(&id).filter(|c| reach.client(c)) {
         Some(c) => Json(c.to_json(&s.gw).await).into_response(),
         None => error(
             StatusCode::NOT_FOUND,
@@ -263,9 +334,10 @@ async fn cleanup(
         );
     };
     let limit = Duration::from_secs(max_idle);
+    let reach = Reach::of(&who);
     let mut sessions_closed = 0;
     for c in s.gw.clients.live() {
-        if c.idle() < limit {
+        if c.idle() < limit || !reach.client(&c) {
             continue;
         }
         let mut closed = false;
@@ -285,7 +357,7 @@ async fn cleanup(
     }
     let conns_closed =
         s.gw.clients
-            .close_idle_upstream_connections(&s.gw, Some(limit))
+            .close_idle_upstream_connections(&s.gw, Some(limit), |c| reach.client(c))
             .await;
     let result = json!({
         "max_idle_seconds": max_idle,
@@ -312,6 +384,9 @@ async fn reset_all(
     who: Caller,
     trace: Option<Extension<TraceId>>,
 ) -> Response {
+    if !Reach::of(&who).all {
+        return needs_all_tenants("POST /mcp/admin/reset");
+    }
     for up in &s.gw.upstreams {
         up.traffic.reset_breaker();
     }
@@ -329,19 +404,22 @@ async fn reset_all(
     Json(result).into_response()
 }
 
-async fn breakers(State(s): State<AppState>) -> Response {
+async fn breakers(State(s): State<AppState>, who: Caller) -> Response {
+    let reach = Reach::of(&who);
     let all: Vec<Value> =
         s.gw.upstreams
             .iter()
+            .filter(|u| reach.sees(u))
             .map(|u| u.traffic.breaker_json())
             .collect();
     Json(json!({"circuit_breakers": all})).into_response()
 }
 
-fn unknown_upstream(s: &AppState, name: &str) -> Response {
+fn unknown_upstream(s: &AppState, name: &str, reach: &Reach) -> Response {
     let known: Vec<&str> =
         s.gw.upstreams
             .iter()
+            .filter(|u| reach.sees(u))
             .map(|u| u.config.name.as_str())
             .collect();
     error(
@@ -354,10 +432,11 @@ fn unknown_upstream(s: &AppState, name: &str) -> Response {
     )
 }
 
-async fn breaker(State(s): State<AppState>, Path(name): Path<String>) -> Response {
-    match s.gw.upstream_named(&name) {
+async fn breaker(State(s): State<AppState>, Path(name): Path<String>, who: Caller) -> Response {
+    let reach = Reach::of(&who);
+    match s.gw.upstream_named(&name).filter(|u| reach.sees(u)) {
         Some(up) => Json(up.traffic.breaker_json()).into_response(),
-        None => unknown_upstream(&s, &name),
+        None => unknown_upstream(&s, &name, &reach),
     }
 }
 
@@ -367,9 +446,19 @@ async fn reset_breaker(
     who: Caller,
     trace: Option<Extension<TraceId>>,
 ) -> Response {
-    let Some(up) = s.gw.upstream_named(&name).cloned() else {
-        return unknown_upstream(&s, &name);
+    let reach = Reach::of(&who);
+    let Some(up) =
+        s.gw.upstream_named(&name)
+            .filter(|u| reach.sees(u))
+            .cloned()
+    else {
+        return unknown_upstream(&s, &name, &reach);
     };
+    if !reach.manages(&up) {
+        return needs_all_tenants(&format!(
+            "resetting the breaker of shared upstream `{name}`"
+        ));
+    }
     let before = up.traffic.breaker_json()["state"].clone();
     up.traffic.reset_breaker();
     audit(
@@ -401,6 +490,34 @@ fn check_limit_key(key: &str) -> Result<(), Response> {
     }
 }
 
+/// Whether the caller may read and change limiter `key`: its own tenant,
+/// its tenant's keys and sessions; per-tool limits are global.
+async fn check_limit_reach(s: &AppState, reach: &Reach, key: &str) -> Result<(), Response> {
+    if reach.all {
+        return Ok(());
+    }
+    let ok = match key.split_once(':') {
+        Some(("tenant", t)) => reach.tenant(t),
+        Some(("key", id)) => matches!(
+            s.gw.store.get_api_key(id).await,
+            Ok(Some(rec)) if rec.tenant == reach.tenant
+        ),
+        Some(("connection", id)) => s.gw.clients.find(id).is_some_and(|c| reach.client(&c)),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else if key.starts_with("tool:") {
+        Err(needs_all_tenants(&format!("the per-tool limit `{key}`")))
+    } else {
+        Err(error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no limiter `{key}` in your tenant"),
+        ))
+    }
+}
+
 /// The quota that applies to `key` without an override: an API key's own
 /// limit, or the configured default.
 async fn default_quota(s: &AppState, key: &str) -> Option<Quota> {
@@ -413,9 +530,13 @@ async fn default_quota(s: &AppState, key: &str) -> Option<Quota> {
     s.gw.limits.configured_quota(key)
 }
 
-async fn rate_limits(State(s): State<AppState>) -> Response {
+async fn rate_limits(State(s): State<AppState>, who: Caller) -> Response {
+    let reach = Reach::of(&who);
     let mut out = Vec::new();
     for key in s.gw.limits.keys() {
+        if check_limit_reach(&s, &reach, &key).await.is_err() {
+            continue;
+        }
         let d = default_quota(&s, &key).await;
         out.push(s.gw.limits.describe(&key, d));
     }
@@ -430,8 +551,11 @@ async fn rate_limits(State(s): State<AppState>) -> Response {
     .into_response()
 }
 
-async fn rate_limit(State(s): State<AppState>, Path(key): Path<String>) -> Response {
+async fn rate_limit(State(s): State<AppState>, Path(key): Path<String>, who: Caller) -> Response {
     if let Err(r) = check_limit_key(&key) {
+        return r;
+    }
+    if let Err(r) = check_limit_reach(&s, &Reach::of(&who), &key).await {
         return r;
     }
     let d = default_quota(&s, &key).await;
@@ -461,6 +585,9 @@ async fn set_rate_limit(
     body: Result<Json<LimitBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if let Err(r) = check_limit_key(&key) {
+        return r;
+    }
+    if let Err(r) = check_limit_reach(&s, &Reach::of(&who), &key).await {
         return r;
     }
     let b = match body {
@@ -518,6 +645,9 @@ async fn delete_rate_limit(
     if let Err(r) = check_limit_key(&key) {
         return r;
     }
+    if let Err(r) = check_limit_reach(&s, &Reach::of(&who), &key).await {
+        return r;
+    }
     let had = s.gw.limits.remove_override(&key);
     audit(
         &s,
@@ -553,6 +683,9 @@ async fn set_log_level(
     trace: Option<Extension<TraceId>>,
     body: Result<Json<LevelBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
+    if !Reach::of(&who).all {
+        return needs_all_tenants("PUT /admin/log-level");
+    }
     let b = match body {
         Ok(Json(b)) => b,
         Err(e) => {

@@ -223,17 +223,19 @@ impl Clients {
         self.live().into_iter().find(|c| c.is(id))
     }
 
-    /// Closes per-session upstream connections unused for longer than
-    /// `max_idle` (or, when `None`, their upstream's `pool.idle_timeout_secs`).
+    /// Closes per-session upstream connections of the sessions `of` picks
+    /// that were unused for longer than `max_idle` (or, when `None`, their
+    /// upstream's `pool.idle_timeout_secs`).
     /// Returns how many were closed.
     pub async fn close_idle_upstream_connections(
         &self,
         gw: &Gateway,
         max_idle: Option<Duration>,
+        of: impl Fn(&ClientEntry) -> bool,
     ) -> usize {
         let now = mono_now().as_millis() as u64;
         let mut closed = 0;
-        for client in self.live() {
+        for client in self.live().into_iter().filter(|c| of(c)) {
             let mut conns = client.conns.lock().await;
             let before = conns.len();
             conns.retain(|idx, c| {

@@ -46,6 +46,18 @@ pub struct SharedConn {
     pub progress: ProgressMap,
     /// The upstream's declared capabilities.
     pub capabilities: ServerCapabilities,
+    /// Calls in flight on it, by client session.
+    pub inflight: Arc<InFlight>,
+}
+
+/// One extra child process of a stdio upstream with `pool.processes` > 1.
+#[derive(Default)]
+struct WorkerSlot {
+    conn: Option<Arc<SharedConn>>,
+    /// Failed starts in a row.
+    attempts: u32,
+    /// Not before this (monotonic time).
+    next_at: Duration,
 }
 
 /// One configured upstream.
@@ -62,6 +74,12 @@ pub struct Upstream {
     /// Circuit breaker and call pool.
     pub traffic: Arc<UpstreamTraffic>,
     restart: std::sync::Mutex<RestartState>,
+    /// Extra processes of a stdio upstream (`pool.processes` - 1 of them).
+    workers: Vec<AsyncMutex<WorkerSlot>>,
+    /// Rotates ties between equally busy processes.
+    next_worker: std::sync::atomic::AtomicUsize,
+    /// Set while a task (re)starts the extra processes.
+    starting_workers: AtomicBool,
 }
 
 /// Reconnection bookkeeping of an upstream whose connection died.
@@ -120,6 +138,60 @@ impl Upstream {
     /// The shared connection, if up.
     pub async fn shared(&self) -> Option<Arc<SharedConn>> {
         self.shared.lock().await.clone()
+    }
+
+    /// The live process (stdio) with the fewest calls in flight, ties taken
+    /// in turn: the shared connection and, with `pool.processes` > 1, the
+    /// extra ones.
+    pub async fn pick_process(&self) -> Option<Arc<SharedConn>> {
+        let mut live: Vec<Arc<SharedConn>> = Vec::with_capacity(1 + self.workers.len());
+        if let Some(s) = self
+            .shared()
+            .await
+            .filter(|s| !s.conn.is_transport_closed())
+        {
+            live.push(s);
+        }
+        for w in &self.workers {
+            if let Some(c) = w
+                .lock()
+                .await
+                .conn
+                .clone()
+                .filter(|c| !c.conn.is_transport_closed())
+            {
+                live.push(c);
+            }
+        }
+        if live.len() <= 1 {
+            return live.pop();
+        }
+        let start = self.next_worker.fetch_add(1, Ordering::Relaxed) % live.len();
+        let n = live.len();
+        (0..n)
+            .map(|i| &live[(start + i) % n])
+            .min_by_key(|c| c.inflight.len())
+            .cloned()
+    }
+
+    /// Processes configured and live (stdio; 1 and 0/1 otherwise).
+    pub async fn processes(&self) -> (usize, usize) {
+        let mut live = usize::from(
+            self.shared()
+                .await
+                .is_some_and(|s| !s.conn.is_transport_closed()),
+        );
+        for w in &self.workers {
+            if w.lock()
+                .await
+                .conn
+                .as_ref()
+                .is_some_and(|c| !c.conn.is_transport_closed())
+            {
+                live += 1;
+            }
+        }
+        (1 + self.workers.len(), live)
     }
 }
 
@@ -228,6 +300,27 @@ pub struct RequestTracker {
     draining: AtomicBool,
 }
 
+/// Marks one HTTP exchange as in flight until dropped (kept alive by the
+/// response body, so it ends when the answer has been written).
+pub struct OwnedRequestGuard(Arc<Gateway>);
+
+impl Drop for OwnedRequestGuard {
+    fn drop(&mut self) {
+        let t = &self.0.inflight;
+        if t.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            t.idle.notify_waiters();
+        }
+    }
+}
+
+impl Gateway {
+    /// Counts an HTTP exchange as in flight until the guard is dropped.
+    pub fn track_exchange(self: &Arc<Self>) -> OwnedRequestGuard {
+        self.inflight.count.fetch_add(1, Ordering::AcqRel);
+        OwnedRequestGuard(self.clone())
+    }
+}
+
 /// Marks one request as in flight until dropped.
 pub struct RequestGuard<'a>(&'a RequestTracker);
 
@@ -240,17 +333,9 @@ impl Drop for RequestGuard<'_> {
 }
 
 impl RequestTracker {
-    /// Registers a request; `None` while draining (refuse it).
-    pub fn enter(&self) -> Option<RequestGuard<'_>> {
-        if self.draining.load(Ordering::Acquire) {
-            return None;
-        }
-        self.count.fetch_add(1, Ordering::AcqRel);
-        Some(RequestGuard(self))
-    }
-
-    /// Registers a request that was admitted before draining began (it is
-    /// counted even while draining).
+    /// Registers a request being served (admission, refused while draining,
+    /// is checked before: a request admitted just before the drain began
+    /// still counts).
     pub fn track(&self) -> RequestGuard<'_> {
         self.count.fetch_add(1, Ordering::AcqRel);
         RequestGuard(self)
@@ -320,6 +405,11 @@ impl Gateway {
                     listing: RwLock::new(Arc::default()),
                     traffic: Arc::new(UpstreamTraffic::new(cfg)),
                     restart: std::sync::Mutex::new(RestartState::default()),
+                    workers: (1..cfg.pool.processes.max(1))
+                        .map(|_| AsyncMutex::new(WorkerSlot::default()))
+                        .collect(),
+                    next_worker: Default::default(),
+                    starting_workers: AtomicBool::new(false),
                 })
             })
             .collect();
@@ -386,30 +476,39 @@ impl Gateway {
             }
             *slot = None;
         }
+        let shared = self.open_shared(up, up.inflight.clone()).await?;
+        *slot = Some(shared.clone());
+        Ok(shared)
+    }
+
+    /// Opens a connection of `up` shared by every client session (for
+    /// stdio, a new child process) whose calls are tracked in `inflight`.
+    async fn open_shared(
+        &self,
+        up: &Upstream,
+        inflight: Arc<InFlight>,
+    ) -> Result<Arc<SharedConn>, String> {
         let (relay, progress) = UpstreamRelay::new(
             up.index,
             &up.config.name,
             self.namer.clone(),
-            RelayTarget::Shared(up.inflight.clone()),
+            RelayTarget::Shared(inflight.clone()),
             None,
             self.events.clone(),
         );
-        match connect(&up.config, relay, &self.http).await {
-            Ok(conn) => {
-                let capabilities = conn
-                    .peer_info()
-                    .map(|i| i.capabilities.clone())
-                    .unwrap_or_default();
-                let shared = Arc::new(SharedConn {
-                    conn,
-                    progress,
-                    capabilities,
-                });
-                *slot = Some(shared.clone());
-                Ok(shared)
-            }
-            Err(e) => Err(e.to_string()),
-        }
+        let conn = connect(&up.config, relay, &self.http)
+            .await
+            .map_err(|e| e.to_string())?;
+        let capabilities = conn
+            .peer_info()
+            .map(|i| i.capabilities.clone())
+            .unwrap_or_default();
+        Ok(Arc::new(SharedConn {
+            conn,
+            progress,
+            capabilities,
+            inflight,
+        }))
     }
 
     /// Re-reads the lists of one upstream over its shared connection.
@@ -633,10 +732,12 @@ impl Gateway {
                     .conn
                     .peer()
                     .send_request(rmcp::model::ClientRequest::PingRequest(Default::default()));
-                if !matches!(
+                if matches!(
                     tokio::time::timeout(Duration::from_secs(5), ping).await,
                     Ok(Ok(_))
                 ) {
+                    up.set_status(UpstreamStatus::Up);
+                } else {
                     up.set_status(UpstreamStatus::Down(
                         "did not answer a ping within 5 s".into(),
                     ));
@@ -688,6 +789,14 @@ impl Gateway {
                     None => false,
                 };
                 if live {
+                    if !up.workers.is_empty() && !up.starting_workers.swap(true, Ordering::AcqRel) {
+                        let gw = self.clone();
+                        let up = up.clone();
+                        tokio::spawn(async move {
+                            gw.start_workers(&up).await;
+                            up.starting_workers.store(false, Ordering::Release);
+                        });
+                    }
                     continue;
                 }
                 let due = up
@@ -737,6 +846,45 @@ impl Gateway {
         }
     }
 
+    /// Starts the missing extra processes of a stdio upstream whose shared
+    /// connection is up, each with its own backoff after failures.
+    async fn start_workers(&self, up: &Arc<Upstream>) {
+        for (i, slot) in up.workers.iter().enumerate() {
+            let mut w = slot.lock().await;
+            if w.conn
+                .as_ref()
+                .is_some_and(|c| !c.conn.is_transport_closed())
+            {
+                continue;
+            }
+            if w.conn.take().is_some() {
+                tracing::warn!(upstream = %up.config.name, process = i + 1, "pooled process exited; restarting it");
+                metrics::counter!("gateway_upstream_restarts_total", "upstream" => up.config.name.clone()).increment(1);
+            }
+            if mono_now() < w.next_at {
+                continue;
+            }
+            match self.open_shared(up, Arc::new(InFlight::default())).await {
+                Ok(conn) => {
+                    w.conn = Some(conn);
+                    w.attempts = 0;
+                }
+                Err(e) => {
+                    w.attempts = w.attempts.saturating_add(1);
+                    let backoff = meshgate_core::backoff::RetryPolicy {
+                        max_attempts: u32::MAX,
+                        initial_backoff: Duration::from_millis(200),
+                        max_backoff: Duration::from_secs(30),
+                    };
+                    let wait = backoff.ceiling(w.attempts) / 2
+                        + backoff.jittered(w.attempts, unit_random()) / 2;
+                    w.next_at = mono_now() + wait;
+                    tracing::warn!(upstream = %up.config.name, process = i + 1, error = %e, retry_in_ms = wait.as_millis() as u64, "could not start a pooled process");
+                }
+            }
+        }
+    }
+
     /// Successful reconnects of `up` since start.
     pub fn restarts(&self, up: &Upstream) -> u64 {
         up.restart.lock().map(|r| r.restarts).unwrap_or(0)
@@ -755,7 +903,7 @@ impl Gateway {
             }
             let closed = self
                 .clients
-                .close_idle_upstream_connections(&self, None)
+                .close_idle_upstream_connections(&self, None, |_| true)
                 .await;
             if closed > 0 {
                 tracing::info!(closed, "closed idle per-session upstream connections");
@@ -763,7 +911,16 @@ impl Gateway {
         }
     }
 
-    /// Marks an upstream down after a failed call (the health loop reconnects it).
+    /// Marks an upstream up again after a call it answered (a failed call
+    /// on a per-session connection marks it down; nothing else would).
+    pub fn report_success(&self, up: &Upstream) {
+        if matches!(up.status().0, UpstreamStatus::Down(_)) {
+            up.set_status(UpstreamStatus::Up);
+        }
+    }
+
+    /// Marks an upstream down after a failed call; a later answered call or
+    /// health check marks it up again.
     pub fn report_failure(&self, up: &Upstream, error: &str) {
         up.set_status(UpstreamStatus::Down(error.to_owned()));
     }

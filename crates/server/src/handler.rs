@@ -237,6 +237,21 @@ impl GatewayHandler {
         self
     }
 
+    /// Learns the Streamable HTTP session id from a request's headers (the
+    /// id is assigned in the answer to `initialize`, so it arrives with the
+    /// next message: `notifications/initialized` or any request).
+    fn bind_session_id(&self, extensions: &rmcp::model::Extensions) {
+        let entry = &self.state.entry;
+        if entry.session_id.get().is_none()
+            && let Some(id) = extensions
+                .get::<http::request::Parts>()
+                .and_then(|p| p.headers.get("mcp-session-id"))
+                .and_then(|v| v.to_str().ok())
+        {
+            let _ = entry.session_id.set(id.to_owned());
+        }
+    }
+
     /// The session's registry entry.
     pub fn entry(&self) -> &Arc<ClientEntry> {
         &self.state.entry
@@ -259,15 +274,7 @@ impl GatewayHandler {
         method: &str,
     ) -> Result<Arc<Principal>, McpError> {
         let entry = &self.state.entry;
-        if entry.session_id.get().is_none()
-            && let Some(id) = ctx
-                .extensions
-                .get::<http::request::Parts>()
-                .and_then(|p| p.headers.get("mcp-session-id"))
-                .and_then(|v| v.to_str().ok())
-        {
-            let _ = entry.session_id.set(id.to_owned());
-        }
+        self.bind_session_id(&ctx.extensions);
         entry.record(true);
         if self.gw.inflight.is_draining() {
             return Err(McpError::new(
@@ -339,11 +346,10 @@ impl GatewayHandler {
         let client = self.outbox(client_peer);
         if !up.per_session() {
             let shared = up
-                .shared()
+                .pick_process()
                 .await
-                .filter(|s| !s.conn.is_transport_closed())
                 .ok_or_else(|| format!("{} (no live connection)", up.status().0.label()))?;
-            let guard = up.inflight.enter(self.session, client);
+            let guard = shared.inflight.enter(self.session, client);
             return Ok((
                 shared.conn.peer().clone(),
                 shared.progress.clone(),
@@ -453,9 +459,12 @@ impl GatewayHandler {
                     ));
                 }
             };
-            let this_timeout = timeout
-                .min(deadline.saturating_sub(started.elapsed()))
-                .max(Duration::from_millis(1));
+            let left = deadline.saturating_sub(started.elapsed());
+            // The deadline cuts this attempt short only when it leaves less
+            // than the call timeout (not merely a little less because time
+            // has passed since the request arrived).
+            let clipped = left + Duration::from_millis(50) < timeout;
+            let this_timeout = if clipped { left } else { timeout }.max(Duration::from_millis(1));
             let req = if attempt < retry.max_attempts {
                 request.clone()
             } else {
@@ -472,10 +481,12 @@ impl GatewayHandler {
             let failure = match outcome {
                 Ok(r) => {
                     up.traffic.on_success();
+                    self.gw.report_success(&up);
                     return Ok(r);
                 }
                 Err(AttemptError::Answered(e)) => {
                     up.traffic.on_success();
+                    self.gw.report_success(&up);
                     return Err(e);
                 }
                 Err(AttemptError::Cancelled) => {
@@ -491,7 +502,7 @@ impl GatewayHandler {
                     self.state.entry.record(false);
                     metrics::counter!("gateway_errors_total", "type" => "upstream_timeout")
                         .increment(1);
-                    let which = if t < timeout {
+                    let which = if clipped {
                         format!(
                             "the request's {}s deadline (deadline_secs)",
                             deadline.as_secs_f64()
@@ -1351,5 +1362,14 @@ impl ServerHandler for GatewayHandler {
         ))
     }
 
-    async fn on_initialized(&self, _context: NotificationContext<RoleServer>) {}
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        self.bind_session_id(&context.extensions);
+        self.state.entry.touch();
+    }
+
+    async fn ping(&self, context: RequestContext<RoleServer>) -> Result<(), McpError> {
+        self.bind_session_id(&context.extensions);
+        self.state.entry.touch();
+        Ok(())
+    }
 }

@@ -100,7 +100,7 @@ fn check_protocol_header(req: &Request) -> Result<(), Response> {
 }
 
 async fn mcp_precheck(
-    State((limit, auth)): State<(usize, Arc<Auth>)>,
+    State((limit, auth, gw)): State<(usize, Arc<Auth>, Arc<Gateway>)>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -141,14 +141,24 @@ async fn mcp_precheck(
     let resp = if req.method() != Method::POST {
         next.run(req).await
     } else {
+        // A POST is in flight until its answer has been written (its SSE
+        // stream ends after the response), so the drain on shutdown waits
+        // for it rather than cutting it off.
+        let exchange = gw.track_exchange();
         let (parts, body) = req.into_parts();
-        match read_checked_body(body, limit).await {
+        let resp = match read_checked_body(body, limit).await {
             Ok(bytes) => {
                 next.run(Request::from_parts(parts, Body::from(bytes)))
                     .await
             }
             Err(r) => return r,
-        }
+        };
+        resp.map(|b| {
+            Body::new(http_body_util::BodyExt::map_frame(b, move |f| {
+                let _in_flight = &exchange;
+                f
+            }))
+        })
     };
     if session.is_none()
         && resp.status().is_success()
@@ -262,7 +272,7 @@ pub fn router(state: AppState) -> Router {
         Router::new()
             .route_service("/mcp", mcp)
             .layer(middleware::from_fn_with_state(
-                (limit, state.auth.clone()),
+                (limit, state.auth.clone(), gw.clone()),
                 mcp_precheck,
             ));
     let auth = state.auth.clone();

@@ -327,7 +327,10 @@ impl Limiters {
             "effective": effective.map(|(q, _)| quota_json(&q)),
             "source": effective.map(|(_, s)| s).unwrap_or(if over.is_some() { "override" } else { "none" }),
             "default": default.map(|q| quota_json(&q)),
-            "override": over.map(|o| o.map(|q| quota_json(&q))),
+            "override": over.map(|o| match o {
+                Some(q) => quota_json(&q),
+                None => json!({"unlimited": true}),
+            }),
             "state": current,
         })
     }

@@ -80,17 +80,35 @@ struct Queued {
     key: Option<MergeKey>,
 }
 
-#[derive(Default)]
 struct Inner {
     queue: VecDeque<Queued>,
     sending: bool,
     sending_key: Option<MergeKey>,
     grade: Option<Grade>,
+    /// Highest grade told to the client since the queue was last empty.
+    announced: Grade,
     sent: u64,
     bundled: u64,
     dropped: u64,
     slowed: u64,
     peak: usize,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            queue: VecDeque::new(),
+            sending: false,
+            sending_key: None,
+            grade: None,
+            announced: Grade::Normal,
+            sent: 0,
+            bundled: 0,
+            dropped: 0,
+            slowed: 0,
+            peak: 0,
+        }
+    }
 }
 
 impl Inner {
@@ -277,16 +295,22 @@ impl Outbox {
         }
     }
 
-    /// Records a grade change and, on a rise, tells the client once.
+    /// Records a grade change and tells the client of a grade it has not
+    /// been told of since the queue was last empty (so a queue hovering at a
+    /// threshold does not repeat the notice).
     fn note_grade(&self, inner: &mut Inner, grade: Grade) {
+        if inner.pending() == 0 {
+            inner.announced = Grade::Normal;
+        }
         let previous = inner.grade.unwrap_or(Grade::Normal);
         if grade == previous {
             return;
         }
         inner.grade = Some(grade);
-        if grade < previous {
+        if grade <= inner.announced {
             return;
         }
+        inner.announced = grade;
         metrics::counter!("gateway_backpressure_events_total", "grade" => grade.label())
             .increment(1);
         let what = match grade {

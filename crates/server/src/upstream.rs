@@ -112,6 +112,16 @@ impl InFlight {
         }
     }
 
+    /// Calls in flight now.
+    pub fn len(&self) -> usize {
+        self.calls.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    /// True when no call is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The single session with calls in flight, if exactly one has.
     fn sole_session(&self) -> Result<Arc<Outbox>, &'static str> {
         let calls = self.calls.lock().map_err(|_| "internal lock poisoned")?;

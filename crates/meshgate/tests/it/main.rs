@@ -5,9 +5,12 @@
 
 mod auth;
 mod bad_input;
+mod drain;
 mod everything;
 mod federation;
 mod legacy_sse;
+mod limits;
 mod operations;
+mod resilience;
 mod streamable;
 mod support;

@@ -194,6 +194,7 @@ pub struct GatewayConfig {
     auth: Vec<String>,
     /// Extra TOML appended at the end (tables such as `[[auth.tool_rules]]`).
     tail: Vec<String>,
+    grace: Option<u64>,
 }
 
 impl GatewayConfig {
@@ -264,6 +265,12 @@ impl GatewayConfig {
         self
     }
 
+    /// Sets `shutdown_grace_secs` (1 unless set).
+    pub fn shutdown_grace_secs(mut self, secs: u64) -> GatewayConfig {
+        self.grace = Some(secs);
+        self
+    }
+
     /// Sets `mcp.max_request_body_bytes`.
     pub fn max_request_body_bytes(mut self, limit: usize) -> GatewayConfig {
         self.mcp.push(format!("max_request_body_bytes = {limit}"));
@@ -272,8 +279,9 @@ impl GatewayConfig {
 
     fn render(&self, port: u16, data_dir: &Path) -> String {
         let mut s = format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = {}\nshutdown_grace_secs = 1\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n[mcp]\n{}\n",
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = {}\nshutdown_grace_secs = {}\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n[mcp]\n{}\n",
             toml_str(&data_dir.display().to_string()),
+            self.grace.unwrap_or(1),
             self.mcp.join("\n")
         );
         s.push_str("\n[auth]\n");
@@ -471,6 +479,52 @@ impl Gateway {
         };
         self.spawn().await;
         exited
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM (a graceful shutdown) without waiting.
+    pub fn send_sigterm(&self) {
+        let pid = self.pid().expect("the gateway is running");
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit, at most `limit`; its exit status.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the gateway is running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                stop(&mut child);
+                panic!(
+                    "the gateway did not exit within {limit:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Resident memory of the process in KiB (Linux `/proc`).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.pid().expect("the gateway is running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
     }
 
     /// Kills the process and starts it again with the same configuration,
@@ -993,4 +1047,167 @@ pub async fn json_body(r: reqwest::Response) -> (reqwest::StatusCode, Value) {
     let body = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("HTTP {status}: body is not JSON ({e}): {text}"));
     (status, body)
+}
+
+// ---------------------------------------------------------------------------
+// Fault injection and a counting proxy (resilience tests)
+// ---------------------------------------------------------------------------
+
+impl HttpFixture {
+    /// The fixture's fault control endpoint, `http://127.0.0.1:PORT/fault`.
+    pub fn fault_url(&self) -> String {
+        let base = self.url.strip_suffix("/mcp").unwrap_or(&self.url);
+        format!("{base}/fault")
+    }
+
+    /// `POST /fault` with `spec` (the `fault` tool's arguments); returns the
+    /// fault in force and panics unless the fixture accepts it.
+    pub async fn set_fault(&self, spec: Value) -> Value {
+        let r = reqwest::Client::new()
+            .post(self.fault_url())
+            .json(&spec)
+            .send()
+            .await
+            .expect("POST /fault");
+        let (status, body) = json_body(r).await;
+        assert_eq!(
+            status,
+            reqwest::StatusCode::OK,
+            "POST /fault {spec}: {body}"
+        );
+        body
+    }
+
+    /// `GET /fault`: `{pid, flaky_calls, flaky_answered, flaky_failed,
+    /// cancellations, http_faulted, fault}`.
+    pub async fn fault_stats(&self) -> Value {
+        let r = reqwest::Client::new()
+            .get(self.fault_url())
+            .send()
+            .await
+            .expect("GET /fault");
+        let (status, body) = json_body(r).await;
+        assert_eq!(status, reqwest::StatusCode::OK, "GET /fault: {body}");
+        body
+    }
+}
+
+/// The JSON-RPC methods a [`CountingProxy`] counts.
+const COUNTED_METHODS: [&str; 3] = ["tools/call", "prompts/get", "resources/read"];
+
+/// A TCP proxy in front of an HTTP upstream that counts the requests of
+/// [`COUNTED_METHODS`] the gateway sends through it (occurrences of the
+/// quoted method name in the bytes going upstream), including those the
+/// upstream rejects before any of its code runs. Stops accepting when dropped.
+pub struct CountingProxy {
+    /// The upstream URL with the proxy's address in place of the upstream's.
+    pub url: String,
+    counts: Arc<[AtomicU64; COUNTED_METHODS.len()]>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    /// Listens on a free local port and forwards every connection to the
+    /// host and port of `target` (an `http://HOST:PORT/path` URL).
+    pub async fn start(target: &str) -> CountingProxy {
+        let rest = target
+            .strip_prefix("http://")
+            .unwrap_or_else(|| panic!("not an http:// URL: {target}"));
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let upstream = authority.to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let local = listener.local_addr().expect("proxy address");
+        let counts = Arc::new(std::array::from_fn(|_| AtomicU64::new(0)));
+        let counter = counts.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        pump(client_read, server_write, Some(counter)),
+                        pump(server_read, client_write, None),
+                    );
+                });
+            }
+        });
+        CountingProxy {
+            url: format!("http://{local}{path}"),
+            counts,
+            accept,
+        }
+    }
+
+    /// Requests of `method` (one of [`COUNTED_METHODS`]) forwarded so far.
+    pub fn requests(&self, method: &str) -> u64 {
+        let i = COUNTED_METHODS
+            .iter()
+            .position(|m| *m == method)
+            .unwrap_or_else(|| panic!("the proxy does not count {method}"));
+        self.counts[i].load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Copies `from` to `to` until either side closes, counting the quoted
+/// [`COUNTED_METHODS`] in the copied bytes when `counts` is given.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    counts: Option<Arc<[AtomicU64; COUNTED_METHODS.len()]>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let needles: Vec<Vec<u8>> = COUNTED_METHODS
+        .iter()
+        .map(|m| format!("\"{m}\"").into_bytes())
+        .collect();
+    let longest = needles.iter().map(Vec::len).max().unwrap_or(1);
+    let mut buf = vec![0u8; 16 * 1024];
+    // The end of the previous read, so a needle split across reads is found.
+    let mut window: Vec<u8> = Vec::new();
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(counts) = &counts {
+            window.extend_from_slice(&buf[..n]);
+            for (needle, count) in needles.iter().zip(counts.iter()) {
+                // Only matches ending in the new bytes: older ones were counted.
+                let fresh = window
+                    .windows(needle.len())
+                    .enumerate()
+                    .filter(|(at, w)| w == needle && at + needle.len() > window.len() - n)
+                    .count();
+                count.fetch_add(fresh as u64, Ordering::SeqCst);
+            }
+            let keep = window.len().min(longest - 1);
+            window.drain(..window.len() - keep);
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// The value of the Prometheus series starting with `series` (name and
+/// labels, e.g. `gateway_circuit_breaker_state{upstream="fx"}`), if present.
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
