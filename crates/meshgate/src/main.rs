@@ -170,7 +170,14 @@ fn resolve_relative(config: &mut Config, file: &Path) {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).unwrap_or_else(|e| {
+    // rmcp logs every message it receives at info; unless the operator
+    // says otherwise, only its warnings reach the gateway's log.
+    let level = if config.log.level.contains("rmcp") {
+        config.log.level.clone()
+    } else {
+        format!("{},rmcp=warn", config.log.level)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&level).unwrap_or_else(|e| {
         eprintln!(
             "log.level {:?} is not a valid filter ({e}); using info",
             config.log.level

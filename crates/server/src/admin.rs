@@ -85,7 +85,9 @@ impl Reach {
         match who {
             Some(Extension(RequestPrincipal(p))) => Reach {
                 tenant: p.tenant.clone(),
-                all: p.has_scope(meshgate_core::auth::scope::ALL_TENANTS),
+                // With authentication off there is one anonymous operator.
+                all: p.has_scope(meshgate_core::auth::scope::ALL_TENANTS)
+                    || p.kind == meshgate_core::CredentialKind::Anonymous,
             },
             None => Reach {
                 tenant: String::new(),

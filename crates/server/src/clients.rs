@@ -33,6 +33,23 @@ pub fn totals() -> (u64, u64) {
     )
 }
 
+/// Put into an `initialize` request's extensions by the HTTP layer; the
+/// handler leaves its session entry there, so the layer can name the entry
+/// with the `Mcp-Session-Id` of the answer before the client sees it.
+#[derive(Clone, Default)]
+pub struct SessionSlot(pub Arc<Mutex<Option<Arc<ClientEntry>>>>);
+
+impl SessionSlot {
+    /// Names the entry left here with the transport session `id`.
+    pub fn bind(&self, id: &str) {
+        if let Ok(slot) = self.0.lock()
+            && let Some(entry) = slot.as_ref()
+        {
+            let _ = entry.session_id.set(id.to_owned());
+        }
+    }
+}
+
 /// A connection to an upstream owned by one client session.
 pub struct SessionConn {
     /// The connection.

@@ -585,13 +585,19 @@ impl GatewayHandler {
         ctx: &RequestContext<RoleServer>,
         timeout: Duration,
     ) -> Result<ServerResult, AttemptError> {
-        let (peer, progress, _inflight) =
-            self.connection(up, &ctx.peer)
-                .await
-                .map_err(|message| AttemptError::Transport {
-                    message,
-                    started: false,
-                })?;
+        // Connecting (a per-session connection's handshake) counts against
+        // the attempt's time, so a hanging upstream cannot outlast the deadline.
+        let connecting = tokio::time::timeout(timeout, self.connection(up, &ctx.peer));
+        let (peer, progress, _inflight) = connecting
+            .await
+            .map_err(|_| AttemptError::Transport {
+                message: format!("connecting took longer than {} ms", timeout.as_millis()),
+                started: false,
+            })?
+            .map_err(|message| AttemptError::Transport {
+                message,
+                started: false,
+            })?;
         let client_token = ctx.meta.get_progress_token();
         let mut options = PeerRequestOptions::no_options();
         options.timeout = Some(timeout);
@@ -993,6 +999,11 @@ impl ServerHandler for GatewayHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<InitializeResult, McpError> {
         self.caller(&context, scope::MCP_READ, "initialize")?;
+        if let Some(slot) = request_ext::<crate::clients::SessionSlot>(&context)
+            && let Ok(mut slot) = slot.0.lock()
+        {
+            *slot = Some(self.state.entry.clone());
+        }
         context.peer.set_peer_info(request.clone());
         let _ = self.state.client.set(request.clone());
         let _ = self.state.entry.client.set((

@@ -138,6 +138,7 @@ async fn mcp_precheck(
         .await;
     }
     let deleting = req.method() == Method::DELETE;
+    let slot = crate::clients::SessionSlot::default();
     let resp = if req.method() != Method::POST {
         next.run(req).await
     } else {
@@ -145,7 +146,10 @@ async fn mcp_precheck(
         // stream ends after the response), so the drain on shutdown waits
         // for it rather than cutting it off.
         let exchange = gw.track_exchange();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        if session.is_none() {
+            parts.extensions.insert(slot.clone());
+        }
         let resp = match read_checked_body(body, limit).await {
             Ok(bytes) => {
                 next.run(Request::from_parts(parts, Body::from(bytes)))
@@ -167,6 +171,7 @@ async fn mcp_precheck(
             .get("mcp-session-id")
             .and_then(|v| v.to_str().ok())
     {
+        slot.bind(id);
         auth.remember_session_owner(id, &principal).await;
     }
     if deleting

@@ -16,8 +16,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::support::{
-    Env, Gateway, GatewayConfig, RawSession, connect_as, json_body, meshgate_bin, read_response,
-    text_of,
+    Env, Gateway, GatewayConfig, RawSession, connect_as, create_key, json_body, meshgate_bin,
+    read_response, send, text_of,
 };
 
 const ROLES: [&str; 5] = ["admin", "operator", "developer", "agent", "viewer"];
@@ -33,42 +33,6 @@ fn role_has(role: &str, scope: &str) -> bool {
         other => panic!("the test table has no scope {other}"),
     };
     roles.contains(&role)
-}
-
-/// Creates a key through the REST API with the admin key; returns (key, id).
-async fn create_key(gw: &Gateway, body: Value) -> (String, String) {
-    let r = gw
-        .client()
-        .post(gw.url("/api/v1/auth/keys"))
-        .json(&body)
-        .send()
-        .await
-        .expect("POST /api/v1/auth/keys");
-    let (status, v) = json_body(r).await;
-    assert_eq!(status, StatusCode::CREATED, "create key {body}: {v}");
-    (
-        v["key"].as_str().expect("key").to_owned(),
-        v["id"].as_str().expect("id").to_owned(),
-    )
-}
-
-async fn send(
-    http: &reqwest::Client,
-    method: reqwest::Method,
-    url: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut b = http.request(method, url);
-    if let Some(body) = body {
-        b = b.json(&body);
-    }
-    let r = b.send().await.expect("request");
-    let status = r.status();
-    let text = r.text().await.expect("body");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
 }
 
 /// POSTs `initialize` with `key`; returns the status and, on success, the session.

@@ -17,12 +17,12 @@ async fn stalled_flood(
     session: &str,
     count: u64,
     size: u64,
+    token: &str,
 ) -> tokio::net::TcpStream {
-    let body = json!({
-        "jsonrpc": "2.0", "id": 7, "method": "tools/call",
-        "params": {"name": "fx__flood", "arguments": {"count": count, "size": size}, "_meta": {"progressToken": "flood"}}
-    })
-    .to_string();
+    let mut params = json!({"name": "fx__flood", "arguments": {"count": count, "size": size}});
+    params["_meta"] = json!({"progressToken": token});
+    let body =
+        json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params}).to_string();
     let request = format!(
         "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {key}\r\n\
          Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n\
@@ -59,7 +59,7 @@ async fn slow_reader_keeps_gateway_memory_bounded_and_other_clients_unaffected()
 
     // 40,000 progress notifications of 2 KB each: about 80 MB if the gateway
     // buffered them for the stalled client.
-    let _stalled = stalled_flood(&gw, &session, 40_000, 2_000).await;
+    let _stalled = stalled_flood(&gw, &session, 40_000, 2_000, "flood").await;
 
     let (other, _client) = connect(&gw).await;
     let mut peak = baseline;
@@ -114,6 +114,66 @@ async fn slow_reader_keeps_gateway_memory_bounded_and_other_clients_unaffected()
     assert!(
         metrics.contains("gateway_backpressure_events_total{grade=\"bundle\"}"),
         "no backpressure metric:\n{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_client_with_many_calls_drops_progress_in_the_drop_grade() {
+    let gw = Gateway::start(
+        &GatewayConfig::new()
+            .stdio_fixture("fx")
+            .stdio_fixture("other")
+            .toml("[backpressure]\nbundle_at = 8\nslow_at = 16\ndrop_at = 32\ncapacity = 64\nslow_delay_ms = 1\n"),
+    )
+    .await;
+    let raw = RawSession::initialize(&gw).await;
+    let session = raw.session.clone().expect("a session id");
+    // Progress of 48 calls: each call's progress is merged into one entry,
+    // so the queue grows by call, past drop_at (32), where progress of calls
+    // without a queued entry is dropped.
+    let mut stalled = Vec::new();
+    for i in 0..48 {
+        stalled.push(stalled_flood(&gw, &session, 2_000, 1_000, &format!("flood-{i}")).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let health = loop {
+        let (_, health) = gw.get_json(&format!("/mcp/health/client/{session}")).await;
+        if health["outbound_queue"]["dropped"].as_u64().unwrap_or(0) > 100 {
+            break health;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no progress was dropped for the stalled client: {health}; log:\n{}",
+            gw.log()
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let queue = &health["outbound_queue"];
+    // The queue reached the drop grade and never passed its capacity.
+    let peak = queue["peak_pending"].as_u64().unwrap_or(0);
+    assert!(
+        (32..=64).contains(&peak),
+        "peak pending {peak} is not between drop_at (32) and capacity (64): {health}"
+    );
+    assert!(queue["slowed"].as_u64().unwrap_or(0) > 0, "{health}");
+    // The shared upstream still serves others.
+    let (other, _client) = connect(&gw).await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        call_tool(&other, "fx__echo", json!({"message": "ok"})),
+    )
+    .await
+    .expect("another client is served while one is stalled");
+    assert_eq!(text_of(&r), "ok");
+    let (_, metrics) = gw.get_text("/metrics").await;
+    assert!(
+        metrics.contains("gateway_backpressure_events_total{grade=\"drop\"}"),
+        "{metrics}"
     );
 }
 

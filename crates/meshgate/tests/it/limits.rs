@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     Gateway, GatewayConfig, RawSession, SseReader, WAIT, call, call_tool, connect, connect_as,
-    json_body, read_response, text_of,
+    create_key, json_body, read_response, send, text_of,
 };
 
 /// JSON-RPC code of a rate-limit refusal.
@@ -45,42 +45,6 @@ fn rate_headers(r: &reqwest::Response) -> (Option<u64>, Option<u64>, Option<u64>
         header_u64(r, "x-ratelimit-limit"),
         header_u64(r, "x-ratelimit-remaining"),
         header_u64(r, "x-ratelimit-reset"),
-    )
-}
-
-/// Sends a request; returns the status and the body as JSON (or as a string).
-async fn send(
-    http: &reqwest::Client,
-    method: Method,
-    url: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut b = http.request(method, url);
-    if let Some(body) = body {
-        b = b.json(&body);
-    }
-    let r = b.send().await.expect("request");
-    let status = r.status();
-    let text = r.text().await.expect("body");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
-/// Creates a key through the REST API with the admin key; returns (key, id).
-async fn create_key(gw: &Gateway, body: Value) -> (String, String) {
-    let (status, v) = send(
-        &gw.client(),
-        Method::POST,
-        &gw.url("/api/v1/auth/keys"),
-        Some(body.clone()),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "create key {body}: {v}");
-    (
-        v["key"].as_str().expect("key").to_owned(),
-        v["id"].as_str().expect("id").to_owned(),
     )
 }
 
@@ -156,6 +120,22 @@ fn mcp_error(r: Result<rmcp::model::CallToolResult, ServiceError>) -> rmcp::Erro
         Err(ServiceError::McpError(e)) => e,
         other => panic!("expected a JSON-RPC error, got {other:?}"),
     }
+}
+
+/// `POST /mcp/admin/cleanup?max_idle_seconds=N` with `http`, which must
+/// succeed; its answer.
+async fn cleanup(gw: &Gateway, http: &reqwest::Client, max_idle_seconds: u64) -> Value {
+    let query = format!("/mcp/admin/cleanup?max_idle_seconds={max_idle_seconds}");
+    let (status, result) = send(http, Method::POST, &gw.url(&query), None).await;
+    assert_eq!(status, StatusCode::OK, "POST {query}: {result}");
+    result
+}
+
+/// `tools/call` of `tool` with `arguments` over a raw session; the JSON-RPC
+/// response (result or error).
+async fn call_raw(raw: &RawSession, tool: &str, arguments: Value) -> Value {
+    raw.request("tools/call", json!({"name": tool, "arguments": arguments}))
+        .await
 }
 
 /// The `echo` call of the fixture as a JSON-RPC request with `id`.
@@ -288,12 +268,7 @@ async fn mcp_post_refused_by_rate_limit_is_a_jsonrpc_error_with_the_request_id()
     let gw = gateway("[rate_limits]\nper_key = { limit = 3, period_secs = 60 }").await;
     // initialize + initialized + one call: the three requests of the burst.
     let raw = RawSession::initialize(&gw).await;
-    let ok = raw
-        .request(
-            "tools/call",
-            json!({"name": "fxs__echo", "arguments": {"message": "in time"}}),
-        )
-        .await;
+    let ok = call_raw(&raw, "fxs__echo", json!({"message": "in time"})).await;
     assert_eq!(ok["result"]["content"][0]["text"], "in time", "{ok}");
 
     for id in [json!(42), json!("req-x")] {
@@ -375,12 +350,7 @@ async fn per_tool_limit_is_reported_inside_the_session() {
     // The limit is per tool across callers: another session is refused too,
     // while its POST itself is an ordinary HTTP 200.
     let raw = RawSession::initialize(&gw).await;
-    let refused = raw
-        .request(
-            "tools/call",
-            json!({"name": "fxs__echo", "arguments": {"message": "other session"}}),
-        )
-        .await;
+    let refused = call_raw(&raw, "fxs__echo", json!({"message": "other session"})).await;
     assert_eq!(refused["error"]["code"], RATE_LIMITED, "{refused}");
     assert_eq!(
         refused["error"]["data"]["limit"]["key"], "tool:fxs__echo",
@@ -405,45 +375,25 @@ async fn per_connection_limit_counts_each_session_and_a_refused_call_consumes_no
     let sid = raw.session.clone().expect("session id");
 
     // echo: tool 1 → 0, connection 2 → 1.
-    let ok = raw
-        .request(
-            "tools/call",
-            json!({"name": "fxs__echo", "arguments": {"message": "one"}}),
-        )
-        .await;
+    let ok = call_raw(&raw, "fxs__echo", json!({"message": "one"})).await;
     assert_eq!(ok["result"]["content"][0]["text"], "one", "{ok}");
     let (status, me) = gw.get_json(&format!("/mcp/health/client/{sid}")).await;
     assert_eq!(status, StatusCode::OK, "{me}");
     let client_id = me["client_id"].as_str().expect("client_id").to_owned();
     // echo again: refused by the tool limit, which must not use up the connection's request.
-    let refused = raw
-        .request(
-            "tools/call",
-            json!({"name": "fxs__echo", "arguments": {"message": "two"}}),
-        )
-        .await;
+    let refused = call_raw(&raw, "fxs__echo", json!({"message": "two"})).await;
     assert_eq!(
         refused["error"]["data"]["limit"]["key"], "tool:fxs__echo",
         "{refused}"
     );
     // add: the connection's second request.
-    let ok = raw
-        .request(
-            "tools/call",
-            json!({"name": "fxs__add", "arguments": {"a": 2, "b": 2}}),
-        )
-        .await;
+    let ok = call_raw(&raw, "fxs__add", json!({"a": 2, "b": 2})).await;
     assert!(
         ok.get("result").is_some(),
         "a refused call consumed the connection's quota: {ok}"
     );
     // add again: the connection is out of requests.
-    let refused = raw
-        .request(
-            "tools/call",
-            json!({"name": "fxs__add", "arguments": {"a": 2, "b": 2}}),
-        )
-        .await;
+    let refused = call_raw(&raw, "fxs__add", json!({"a": 2, "b": 2})).await;
     assert_eq!(refused["error"]["code"], RATE_LIMITED, "{refused}");
     let limit = &refused["error"]["data"]["limit"];
     assert_eq!(limit["key"], format!("connection:{client_id}"), "{refused}");
@@ -452,12 +402,7 @@ async fn per_connection_limit_counts_each_session_and_a_refused_call_consumes_no
 
     // Another session has its own connection bucket.
     let other = RawSession::initialize(&gw).await;
-    let ok = other
-        .request(
-            "tools/call",
-            json!({"name": "fxs__add", "arguments": {"a": 1, "b": 1}}),
-        )
-        .await;
+    let ok = call_raw(&other, "fxs__add", json!({"a": 1, "b": 1})).await;
     assert!(ok.get("result").is_some(), "{ok}");
 }
 
@@ -833,12 +778,7 @@ async fn stats_and_client_health_describe_open_sessions() {
     let b = RawSession::initialize(&gw).await;
     let (mut legacy, messages) = open_legacy(&gw).await;
     for raw in [&a, &b] {
-        let r = raw
-            .request(
-                "tools/call",
-                json!({"name": "fxs__echo", "arguments": {"message": "hi"}}),
-            )
-            .await;
+        let r = call_raw(raw, "fxs__echo", json!({"message": "hi"})).await;
         assert_eq!(r["result"]["content"][0]["text"], "hi", "{r}");
     }
     let r = gw
@@ -920,11 +860,7 @@ async fn stats_and_client_health_describe_open_sessions() {
 
     // More requests are counted; the gateway id finds the same session.
     for _ in 0..2 {
-        a.request(
-            "tools/call",
-            json!({"name": "fxs__echo", "arguments": {"message": "again"}}),
-        )
-        .await;
+        call_raw(&a, "fxs__echo", json!({"message": "again"})).await;
     }
     let (status, again) = gw
         .get_json(&format!("/mcp/health/client/{client_id}"))
@@ -987,22 +923,10 @@ async fn cleanup_closes_idle_sessions() {
 
     tokio::time::sleep(Duration::from_millis(2100)).await;
     // `busy` was just active; `idle` and the legacy session were not.
-    let r = busy
-        .request(
-            "tools/call",
-            json!({"name": "fxs__echo", "arguments": {"message": "still here"}}),
-        )
-        .await;
+    let r = call_raw(&busy, "fxs__echo", json!({"message": "still here"})).await;
     assert_eq!(r["result"]["content"][0]["text"], "still here", "{r}");
 
-    let (status, result) = send(
-        &admin,
-        Method::POST,
-        &gw.url("/mcp/admin/cleanup?max_idle_seconds=1"),
-        None,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{result}");
+    let result = cleanup(&gw, &admin, 1).await;
     assert_eq!(result["sessions_closed"], 2, "idle and legacy: {result}");
     let closed = result["closed"].as_u64().expect("closed");
     let conns = result["upstream_connections_closed"]
@@ -1028,12 +952,7 @@ async fn cleanup_closes_idle_sessions() {
     );
 
     // The active session lives on.
-    let r = busy
-        .request(
-            "tools/call",
-            json!({"name": "fxs__echo", "arguments": {"message": "after"}}),
-        )
-        .await;
+    let r = call_raw(&busy, "fxs__echo", json!({"message": "after"})).await;
     assert_eq!(r["result"]["content"][0]["text"], "after", "{r}");
     let (_, stats) = gw.get_json("/mcp/stats").await;
     assert_eq!(stats["connections"]["total"], 1, "{stats}");
@@ -1048,7 +967,8 @@ async fn log_level_changes_at_run_time() {
     call_tool(&session, "fxs__echo", json!({"message": "at info"})).await;
     let (status, level) = gw.get_json("/admin/log-level").await;
     assert_eq!(status, StatusCode::OK, "{level}");
-    assert_eq!(level["level"], "info", "{level}");
+    // The configured level, with the MCP library held at warnings.
+    assert_eq!(level["level"], "rmcp=warn,info", "{level}");
     assert!(
         !gw.log().contains(DEBUG_LINE),
         "debug lines at level info:\n{}",
@@ -1064,7 +984,7 @@ async fn log_level_changes_at_run_time() {
     .await;
     assert_eq!(status, StatusCode::OK, "{set}");
     assert_eq!(set["level"], "debug", "{set}");
-    assert_eq!(set["previous"], "info", "{set}");
+    assert_eq!(set["previous"], "rmcp=warn,info", "{set}");
     let (_, level) = gw.get_json("/admin/log-level").await;
     assert_eq!(level["level"], "debug", "{level}");
     call_tool(&session, "fxs__echo", json!({"message": "at debug"})).await;
@@ -1151,14 +1071,7 @@ async fn cleanup_closes_a_session_that_only_initialized() {
     let gw = gateway("").await;
     let raw = RawSession::initialize(&gw).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let (status, result) = send(
-        &gw.client(),
-        Method::POST,
-        &gw.url("/mcp/admin/cleanup?max_idle_seconds=1"),
-        None,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{result}");
+    let result = cleanup(&gw, &gw.client(), 1).await;
     assert_eq!(
         result["sessions_closed"], 1,
         "a session idle since initialize: {result}"
@@ -1173,4 +1086,202 @@ async fn cleanup_closes_a_session_that_only_initialized() {
     );
     let (_, stats) = gw.get_json("/mcp/stats").await;
     assert_eq!(stats["connections"]["total"], 0, "{stats}");
+}
+
+/// A refusal for want of `tenants:*`.
+const CROSS_TENANT: (StatusCode, &str) = (StatusCode::FORBIDDEN, "cross_tenant");
+/// A refusal that hides another tenant's object.
+const NOT_FOUND: (StatusCode, &str) = (StatusCode::NOT_FOUND, "not_found");
+
+/// Checks that the acme operator's `what` was refused with `want` (status
+/// and error reason).
+fn refused(what: &str, want: (StatusCode, &str), (status, body): (StatusCode, Value)) {
+    assert_eq!(status, want.0, "acme {what}: {body}");
+    assert_eq!(body["error"]["reason"], want.1, "acme {what}: {body}");
+}
+
+/// The `upstream` fields of a `GET /admin/circuit-breakers` answer, sorted.
+fn breaker_names(body: &Value) -> Vec<String> {
+    let mut names: Vec<String> = body["circuit_breakers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("circuit_breakers is a list: {body}"))
+        .iter()
+        .map(|b| b["upstream"].as_str().expect("upstream").to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_are_cut_to_the_callers_tenant() {
+    // fxs serves tenant `default`, fxa tenant `acme`.
+    let gw = Gateway::start(
+        &GatewayConfig::new()
+            .stdio_fixture("fxs")
+            .stdio_fixture("fxa")
+            .upstream_extra("tenant = \"acme\"")
+            .toml("[namespacing]\nprefix_mode = \"always\""),
+    )
+    .await;
+    let admin = gw.client();
+    let (_, me) = json_body(whoami(&gw, &admin).await).await;
+    let admin_id = me["key_id"].as_str().expect("key_id").to_owned();
+    let (op_key, _) = create_key(
+        &gw,
+        json!({"name": "acme-op", "role": "operator", "tenant": "acme"}),
+    )
+    .await;
+    let op = gw.client_with_key(&op_key);
+    let (status, op_me) = json_body(whoami(&gw, &op).await).await;
+    assert_eq!(status, StatusCode::OK, "{op_me}");
+    assert_eq!(op_me["tenant"], "acme", "{op_me}");
+    let scopes = op_me["scopes"].as_array().expect("scopes");
+    assert!(
+        scopes.contains(&json!("admin")) && !scopes.contains(&json!("tenants:*")),
+        "an operator holds `admin` but not `tenants:*`: {op_me}"
+    );
+
+    // A default-tenant session that has made a call.
+    let raw = RawSession::initialize(&gw).await;
+    let sid = raw.session.clone().expect("session id");
+    let r = call_raw(&raw, "fxs__echo", json!({"message": "before"})).await;
+    assert_eq!(r["result"]["content"][0]["text"], "before", "{r}");
+    let (status, seen) = gw.get_json(&format!("/mcp/health/client/{sid}")).await;
+    assert_eq!(status, StatusCode::OK, "{seen}");
+    assert_eq!(seen["tenant"], "default", "{seen}");
+    let client_id = seen["client_id"].as_str().expect("client_id").to_owned();
+
+    // Statistics and client health: the default session is not acme's.
+    let (status, stats) = send(&op, Method::GET, &gw.url("/mcp/stats"), None).await;
+    assert_eq!(status, StatusCode::OK, "{stats}");
+    assert_eq!(stats["tenant"], "acme", "{stats}");
+    assert_eq!(stats["connections"]["total"], 0, "{stats}");
+    assert_eq!(
+        stats["connections"]["by_transport"]["streamable_http"], 0,
+        "{stats}"
+    );
+    assert_eq!(stats["requests"], 0, "{stats}");
+    for id in [&sid, &client_id] {
+        let path = format!("/mcp/health/client/{id}");
+        refused(
+            &format!("GET {path}"),
+            NOT_FOUND,
+            send(&op, Method::GET, &gw.url(&path), None).await,
+        );
+    }
+    let (status, health) = send(&op, Method::GET, &gw.url("/health/gateway"), None).await;
+    assert_eq!(status, StatusCode::OK, "{health}");
+    assert_eq!(health["transports"]["streamable_http"], 0, "{health}");
+    let names: Vec<&str> = health["upstreams"]
+        .as_array()
+        .expect("upstreams")
+        .iter()
+        .filter_map(|u| u["name"].as_str())
+        .collect();
+    assert_eq!(names, ["fxa"], "acme GET /health/gateway: {health}");
+
+    // Cleanup closes only acme's sessions: none.
+    let cleaned = cleanup(&gw, &op, 0).await;
+    assert_eq!(cleaned["sessions_closed"], 0, "{cleaned}");
+    assert_eq!(cleaned["closed"], 0, "{cleaned}");
+    let r = call_raw(&raw, "fxs__echo", json!({"message": "after"})).await;
+    assert_eq!(
+        r["result"]["content"][0]["text"], "after",
+        "the default session after acme's cleanup: {r}"
+    );
+
+    // Gateway-wide switches need tenants:*.
+    let (_, before) = gw.get_json("/admin/log-level").await;
+    assert_ne!(before["level"], "debug", "{before}");
+    refused(
+        "POST /mcp/admin/reset",
+        CROSS_TENANT,
+        send(&op, Method::POST, &gw.url("/mcp/admin/reset"), None).await,
+    );
+    refused(
+        "PUT /admin/log-level",
+        CROSS_TENANT,
+        send(
+            &op,
+            Method::PUT,
+            &gw.url("/admin/log-level"),
+            Some(json!({"level": "debug"})),
+        )
+        .await,
+    );
+    let (_, after) = gw.get_json("/admin/log-level").await;
+    assert_eq!(after, before, "the refused change changed the level");
+
+    // Rate limits: acme's own tenant only.
+    let limit = Some(json!({"limit": 100, "period_secs": 60}));
+    for (path, want) in [
+        ("/admin/rate-limits/tenant:default".to_owned(), NOT_FOUND),
+        (format!("/admin/rate-limits/key:{admin_id}"), NOT_FOUND),
+        ("/admin/rate-limits/tool:anything".to_owned(), CROSS_TENANT),
+    ] {
+        refused(
+            &format!("PUT {path}"),
+            want,
+            send(&op, Method::PUT, &gw.url(&path), limit.clone()).await,
+        );
+        let (status, state) = gw.get_json(&path).await;
+        assert_eq!(status, StatusCode::OK, "admin GET {path}: {state}");
+        assert_eq!(state["source"], "none", "the refused PUT {path}: {state}");
+    }
+    let (status, set) = send(
+        &op,
+        Method::PUT,
+        &gw.url("/admin/rate-limits/tenant:acme"),
+        limit,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "acme PUT tenant:acme: {set}");
+    assert_eq!(set["source"], "override", "{set}");
+
+    // Circuit breakers: acme's upstream only.
+    let (status, breakers) = send(&op, Method::GET, &gw.url("/admin/circuit-breakers"), None).await;
+    assert_eq!(status, StatusCode::OK, "{breakers}");
+    assert_eq!(breaker_names(&breakers), ["fxa"], "{breakers}");
+    refused(
+        "POST /admin/circuit-breakers/fxs/reset",
+        NOT_FOUND,
+        send(
+            &op,
+            Method::POST,
+            &gw.url("/admin/circuit-breakers/fxs/reset"),
+            None,
+        )
+        .await,
+    );
+    let (status, reset) = send(
+        &op,
+        Method::POST,
+        &gw.url("/admin/circuit-breakers/fxa/reset"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "acme resets its own breaker: {reset}"
+    );
+
+    // An acme session: acme counts it, and only it.
+    let acme = RawSession::initialize_as(&gw, &op_key).await;
+    let r = call_raw(&acme, "fxa__echo", json!({"message": "acme"})).await;
+    assert_eq!(r["result"]["content"][0]["text"], "acme", "{r}");
+    let (status, stats) = send(&op, Method::GET, &gw.url("/mcp/stats"), None).await;
+    assert_eq!(status, StatusCode::OK, "{stats}");
+    assert_eq!(stats["connections"]["total"], 1, "its own session: {stats}");
+
+    // tenants:* still sees everything.
+    let (status, stats) = gw.get_json("/mcp/stats").await;
+    assert_eq!(status, StatusCode::OK, "{stats}");
+    assert_eq!(stats["connections"]["total"], 2, "both tenants: {stats}");
+    assert!(stats["tenant"].is_null(), "{stats}");
+    let (_, breakers) = gw.get_json("/admin/circuit-breakers").await;
+    assert_eq!(breaker_names(&breakers), ["fxa", "fxs"], "{breakers}");
+    let (status, reset) = send(&admin, Method::POST, &gw.url("/mcp/admin/reset"), None).await;
+    assert_eq!(status, StatusCode::OK, "{reset}");
+    assert_eq!(reset["breakers_reset"], 2, "{reset}");
 }

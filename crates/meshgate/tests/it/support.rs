@@ -955,7 +955,18 @@ impl RawSession {
 
     /// Runs `initialize` + `notifications/initialized` and keeps the session id.
     pub async fn initialize(gw: &Gateway) -> RawSession {
+        RawSession::handshake(RawSession::new(gw)).await
+    }
+
+    /// Like [`RawSession::initialize`], authenticating with `key`.
+    pub async fn initialize_as(gw: &Gateway, key: &str) -> RawSession {
         let mut raw = RawSession::new(gw);
+        raw.http = gw.client_with_key(key);
+        RawSession::handshake(raw).await
+    }
+
+    /// `initialize` + `notifications/initialized` on a session-less handle.
+    async fn handshake(mut raw: RawSession) -> RawSession {
         let init = json!({
             "jsonrpc": "2.0", "id": 0, "method": "initialize",
             "params": {
@@ -1047,6 +1058,46 @@ pub async fn json_body(r: reqwest::Response) -> (reqwest::StatusCode, Value) {
     let body = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("HTTP {status}: body is not JSON ({e}): {text}"));
     (status, body)
+}
+
+/// Sends a request; returns the status and the body as JSON (or as a string).
+pub async fn send(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+) -> (reqwest::StatusCode, Value) {
+    let mut b = http.request(method, url);
+    if let Some(body) = body {
+        b = b.json(&body);
+    }
+    let r = b.send().await.expect("request");
+    let status = r.status();
+    let text = r.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Creates a key through the REST API with the admin key; returns (key, id).
+pub async fn create_key(gw: &Gateway, body: Value) -> (String, String) {
+    let (status, v) = send(
+        &gw.client(),
+        reqwest::Method::POST,
+        &gw.url("/api/v1/auth/keys"),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(
+        status,
+        reqwest::StatusCode::CREATED,
+        "create key {body}: {v}"
+    );
+    (
+        v["key"].as_str().expect("key").to_owned(),
+        v["id"].as_str().expect("id").to_owned(),
+    )
 }
 
 // ---------------------------------------------------------------------------
