@@ -639,11 +639,13 @@ impl GatewayHandler {
                 return Err(AttemptError::Cancelled);
             }
         };
-        drop(route);
         // Progress still queued for this call goes out before its result.
+        // The route stays while settling: the upstream's last progress can
+        // still be in a notification handler that has not run yet.
         if let Some(token) = &client_token {
             outbox.settle_progress(token, Duration::from_secs(1)).await;
         }
+        drop(route);
         match result {
             Ok(r) => Ok(r),
             Err(ServiceError::McpError(e)) => Err(AttemptError::Answered(e)),

@@ -391,6 +391,11 @@ impl Outbox {
     pub async fn settle_progress(&self, token: &ProgressToken, limit: Duration) {
         let key = MergeKey::Progress(token.clone());
         let deadline = tokio::time::Instant::now() + limit;
+        // Notification handlers run as their own tasks: let those already
+        // spawned for progress that arrived before the result queue it.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
         loop {
             let queued = {
                 let inner = self.lock();
