@@ -639,12 +639,12 @@ impl GatewayHandler {
                 return Err(AttemptError::Cancelled);
             }
         };
-        // Progress still queued for this call goes out before its result.
+        // Progress and log messages queued for this client go out before the result.
         // The route stays while settling: the upstream's last progress can
         // still be in a notification handler that has not run yet.
-        if let Some(token) = &client_token {
-            outbox.settle_progress(token, Duration::from_secs(1)).await;
-        }
+        outbox
+            .settle(client_token.as_ref(), Duration::from_secs(1))
+            .await;
         drop(route);
         match result {
             Ok(r) => Ok(r),

@@ -386,10 +386,11 @@ impl Outbox {
         }
     }
 
-    /// Waits until no progress of `token` is queued, at most `limit`; what is
-    /// still queued then is dropped, because its call has ended.
-    pub async fn settle_progress(&self, token: &ProgressToken, limit: Duration) {
-        let key = MergeKey::Progress(token.clone());
+    /// Waits until the queue is empty, at most `limit`, so that what the
+    /// upstream sent before a result reaches the client before it; progress
+    /// of `token` still queued then is dropped, because its call has ended.
+    pub async fn settle(&self, token: Option<&ProgressToken>, limit: Duration) {
+        let key = token.map(|t| MergeKey::Progress(t.clone()));
         let deadline = tokio::time::Instant::now() + limit;
         // Notification handlers run as their own tasks: let those already
         // spawned for progress that arrived before the result queue it.
@@ -397,18 +398,18 @@ impl Outbox {
             tokio::task::yield_now().await;
         }
         loop {
-            let queued = {
-                let inner = self.lock();
-                inner.sending_key.as_ref() == Some(&key)
-                    || inner.queue.iter().any(|q| q.key.as_ref() == Some(&key))
-            };
+            // Everything queued before the result (its progress, and log
+            // messages the upstream sent while answering) goes out first.
+            let queued = self.lock().pending() > 0;
             if !queued {
                 return;
             }
             if tokio::time::Instant::now() >= deadline {
                 let mut inner = self.lock();
                 let before = inner.queue.len();
-                inner.queue.retain(|q| q.key.as_ref() != Some(&key));
+                inner
+                    .queue
+                    .retain(|q| key.is_none() || q.key.as_ref() != key.as_ref());
                 let removed = before - inner.queue.len();
                 inner.dropped += removed as u64;
                 metrics::gauge!("gateway_outbound_pending").decrement(removed as f64);
