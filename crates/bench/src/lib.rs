@@ -15,6 +15,7 @@
 
 pub mod cpu;
 pub mod mcp;
+pub mod mesh;
 pub mod sse;
 pub mod stats;
 

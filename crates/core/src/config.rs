@@ -15,7 +15,10 @@ use thiserror::Error;
 use crate::auth::{Role, ToolPolicy, ToolRuleConfig};
 use crate::catalog::{PrefixMode, RESOURCE_SEPARATOR};
 
+mod mesh;
 mod traffic;
+
+pub use mesh::MeshConfig;
 
 pub use traffic::{
     BackpressureConfig, BreakerConfig, LimitConfig, PoolConfig, RateLimitsConfig, RetryConfig,
@@ -386,6 +389,8 @@ pub struct Config {
     pub rate_limits: RateLimitsConfig,
     /// Per-client outbound queue limits.
     pub backpressure: BackpressureConfig,
+    /// The agent mesh.
+    pub mesh: MeshConfig,
 }
 
 impl Default for Config {
@@ -401,6 +406,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rate_limits: RateLimitsConfig::default(),
             backpressure: BackpressureConfig::default(),
+            mesh: MeshConfig::default(),
         }
     }
 }
@@ -651,6 +657,7 @@ impl Config {
         }
         self.rate_limits.validate(&mut errors);
         self.backpressure.validate(&mut errors);
+        self.mesh.validate(&mut errors);
         self.validate_auth(&mut errors);
         match errors.len() {
             0 => Ok(()),

@@ -23,6 +23,8 @@ enum Command {
     CheckConfig(ServeArgs),
     /// Measure tools/call throughput and latency against an MCP endpoint.
     Bench(meshgate_bench::BenchArgs),
+    /// Measure agent-mesh task assignment throughput and latency.
+    BenchMesh(meshgate_bench::mesh::MeshBenchArgs),
     /// Manage API keys directly in the data directory (works while the gateway runs).
     Keys {
         #[command(subcommand)]
@@ -232,6 +234,9 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Bench(args) => runtime().and_then(|rt| rt.block_on(meshgate_bench::run_cli(args))),
+        Command::BenchMesh(args) => {
+            runtime().and_then(|rt| rt.block_on(meshgate_bench::mesh::run_cli(args)))
+        }
         Command::Keys { command } => runtime().and_then(|rt| rt.block_on(keys(command))),
     };
     match result {

@@ -289,6 +289,8 @@ pub struct Gateway {
     pub limits: Limiters,
     /// Requests being served, for the drain on shutdown.
     pub inflight: RequestTracker,
+    /// The agent mesh, once started (absent when `mesh.enabled = false`).
+    pub mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
 }
 
 /// Counts requests being served so shutdown can wait for them; once
@@ -421,6 +423,7 @@ impl Gateway {
             clients: Clients::default(),
             limits,
             inflight: RequestTracker::default(),
+            mesh: std::sync::OnceLock::new(),
             config,
             store,
             upstreams,

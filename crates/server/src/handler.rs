@@ -788,6 +788,29 @@ impl GatewayHandler {
                     rmcp::model::CallToolResult::structured(self.status_report(p)),
                 ));
             }
+            if let Some(mesh) = self.gw.mesh.get()
+                && crate::mesh::tools::NAMES.contains(&exposed.as_str())
+            {
+                self.check_tool_rules(p, &exposed)?;
+                let sink =
+                    ctx.meta
+                        .get_progress_token()
+                        .map(|token| crate::mesh::tools::ProgressSink {
+                            token,
+                            outbox: self.outbox(&ctx.peer),
+                        });
+                let r = crate::mesh::tools::call(
+                    mesh,
+                    p,
+                    &exposed,
+                    request.arguments.take(),
+                    sink,
+                    ctx.ct.clone(),
+                )
+                .await;
+                record("tools/call", Some(&exposed), started, outcome(&r));
+                return r.map(CallToolResponse::Complete);
+            }
             if let Some(e) = self.unlisted_because_down(&exposed, p) {
                 record("tools/call", None, started, "error");
                 return Err(e);
@@ -1040,6 +1063,13 @@ impl ServerHandler for GatewayHandler {
             && self.auth.policy.check(&p, STATUS_TOOL).is_ok()
         {
             tools.push(status_tool());
+        }
+        if self.gw.mesh.get().is_some() {
+            tools.extend(crate::mesh::tools::definitions().into_iter().filter(|t| {
+                snap.tool_routes.resolve(&t.name).is_none()
+                    && p.has_scope(crate::mesh::tools::needed_scope(&t.name))
+                    && self.auth.policy.check(&p, &t.name).is_ok()
+            }));
         }
         tools.extend(
             snap.tools

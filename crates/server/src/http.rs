@@ -295,6 +295,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .merge(mcp_routes)
         .merge(crate::auth::api::routes().with_state(auth.clone()))
+        .merge(crate::mesh::api::routes().with_state(gw.clone()))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             gw.clone(),

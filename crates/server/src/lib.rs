@@ -17,6 +17,7 @@ pub use gateway::Gateway;
 pub mod http;
 pub mod legacy;
 pub mod limits;
+pub mod mesh;
 pub mod outbox;
 pub mod resilience;
 pub mod serve;

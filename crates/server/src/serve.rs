@@ -33,6 +33,11 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 
 /// Opens the data directory and store, and records the configured upstreams.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(Arc::new(open_sqlite(config).await?))
+}
+
+/// Opens the SQLite store (see [`open_store`]).
+pub async fn open_sqlite(config: &Config) -> anyhow::Result<SqliteStore> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
             "cannot create data directory {} (data_dir / --data-dir)",
@@ -54,7 +59,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     }
     let keep: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
     store.prune_upstreams("config", &keep).await?;
-    Ok(Arc::new(store))
+    Ok(store)
 }
 
 /// An upstream definition with secret values (headers, env) masked.
@@ -71,7 +76,9 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
     let started = Instant::now();
     let addr = config.listen_addr()?;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let store = open_store(&config).await?;
+    let sqlite = open_sqlite(&config).await?;
+    let mesh_store: Arc<dyn meshgate_store::MeshStore> = Arc::new(sqlite.clone());
+    let store: Arc<dyn Store> = Arc::new(sqlite);
     let shutdown = CancellationToken::new();
     let auth = Auth::start(&config, store.clone(), shutdown.clone()).await?;
     if auth.enabled() {
@@ -87,7 +94,14 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
         tracing::warn!("{}", crate::http::AUTH_DISABLED_WARNING);
     }
     let audit = auth.audit.clone();
+    let mesh_config = config.mesh.clone();
     let gw = Gateway::start(config, store, shutdown.clone())?;
+    if mesh_config.enabled {
+        let mesh = crate::mesh::Mesh::start(mesh_config, mesh_store, shutdown.clone())
+            .await
+            .context("cannot start the agent mesh")?;
+        let _ = gw.mesh.set(mesh);
+    }
     let app = router(AppState {
         gw: gw.clone(),
         metrics,

@@ -6,13 +6,16 @@
 //! Architecture invariant: this crate knows nothing about MCP or HTTP; it
 //! stores records whose payloads are opaque JSON.
 
+mod mesh;
 mod migrate;
 mod sqlite;
+mod sqlite_mesh;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use mesh::{AgentRow, BlobRow, MeshStore, TERMINAL_TASK_STATES, TaskQuery, TaskRow};
 pub use sqlite::SqliteStore;
 
 /// What went wrong in the store, and what to do about it.

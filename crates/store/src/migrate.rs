@@ -27,6 +27,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "auth",
         sql: include_str!("../migrations/sqlite/0002_auth.sql"),
     },
+    Migration {
+        version: 3,
+        name: "mesh",
+        sql: include_str!("../migrations/sqlite/0003_mesh.sql"),
+    },
 ];
 
 /// Applies every migration newer than the database's version.

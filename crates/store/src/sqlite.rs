@@ -32,7 +32,7 @@ const AUDIT_COLUMNS: &str = "id, at, tenant, actor, actor_kind, action, target, 
 /// [`Store`] on a SQLite database file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
 impl SqliteStore {
@@ -71,7 +71,12 @@ impl SqliteStore {
     }
 }
 
-fn json<T: DeserializeOwned>(row: &SqliteRow, col: &str, what: &'static str) -> StoreResult<T> {
+/// Reads a JSON text column, reporting [`StoreError::Corrupt`] for `what`.
+pub(crate) fn json<T: DeserializeOwned>(
+    row: &SqliteRow,
+    col: &str,
+    what: &'static str,
+) -> StoreResult<T> {
     let text: String = row.try_get(col)?;
     serde_json::from_str(&text).map_err(|source| StoreError::Corrupt { what, source })
 }
@@ -82,7 +87,7 @@ fn scopes_json(scopes: &[String]) -> String {
 }
 
 /// Maps a UNIQUE (or PRIMARY KEY) violation to [`StoreError::Duplicate`].
-fn duplicate(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+pub(crate) fn duplicate(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |e| match e {
         sqlx::Error::Database(ref db) if db.is_unique_violation() => StoreError::Duplicate { what },
         other => StoreError::Db(other),
@@ -661,10 +666,10 @@ mod tests {
         let dir = temp_dir("wal");
         let store = SqliteStore::open(&dir).await.unwrap();
         assert_eq!(store.journal_mode().await.unwrap(), "wal");
-        assert_eq!(store.schema_version().await.unwrap(), 2);
+        assert_eq!(store.schema_version().await.unwrap(), 3);
         drop(store);
         let again = SqliteStore::open(&dir).await.unwrap();
-        assert_eq!(again.schema_version().await.unwrap(), 2);
+        assert_eq!(again.schema_version().await.unwrap(), 3);
         assert!(dir.join("meshgate.db").exists());
     }
 
@@ -687,7 +692,7 @@ mod tests {
         .unwrap();
         pool.close().await;
         let store = SqliteStore::open(&dir).await.unwrap();
-        assert_eq!(store.schema_version().await.unwrap(), 2);
+        assert_eq!(store.schema_version().await.unwrap(), 3);
         store.put_session(&session("s", 1)).await.unwrap();
         store.set_session_owner("s", "t", "k").await.unwrap();
         assert_eq!(store.count_api_keys().await.unwrap(), 0);

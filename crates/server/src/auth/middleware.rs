@@ -58,6 +58,27 @@ pub fn route_scope(method: &Method, path: &str) -> Option<&'static str> {
             scope::KEYS_READ
         });
     }
+    if path == "/ws" {
+        return Some(scope::AGENT_CONNECT);
+    }
+    if path == "/api/v1/mesh" {
+        return Some(scope::ADMIN);
+    }
+    if path.starts_with("/api/v1/agents/") && write {
+        return Some(scope::ADMIN);
+    }
+    if path == "/api/v1/tasks"
+        || path.starts_with("/api/v1/tasks/")
+        || path == "/api/v1/agents"
+        || path.starts_with("/api/v1/agents/")
+        || path.starts_with("/api/v1/blobs/")
+    {
+        return Some(if write {
+            scope::TASKS_WRITE
+        } else {
+            scope::TASKS_READ
+        });
+    }
     if path == "/api/v1/audit" {
         return Some(scope::AUDIT_READ);
     }
