@@ -100,6 +100,9 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
         let mesh = crate::mesh::Mesh::start(mesh_config, mesh_store, shutdown.clone())
             .await
             .context("cannot start the agent mesh")?;
+        if auth.enabled() {
+            let _ = mesh.auth.set(auth.clone());
+        }
         let _ = gw.mesh.set(mesh);
     }
     let app = router(AppState {

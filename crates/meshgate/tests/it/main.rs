@@ -10,6 +10,8 @@ mod everything;
 mod federation;
 mod legacy_sse;
 mod limits;
+mod mesh;
+mod mesh_durability;
 mod operations;
 mod resilience;
 mod streamable;

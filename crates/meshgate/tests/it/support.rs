@@ -43,27 +43,38 @@ pub fn meshgate_bin() -> PathBuf {
 /// with `cargo build -p meshgate-fixture` (same profile) when it is missing.
 pub fn fixture_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let meshgate = meshgate_bin();
-        let dir = meshgate.parent().expect("the meshgate binary has a parent folder");
-        let bin = dir.join(format!("meshgate-fixture{}", std::env::consts::EXE_SUFFIX));
-        if !bin.exists() {
-            build_fixture(dir);
-        }
-        assert!(
-            bin.exists(),
-            "the fixture binary {} is missing and `cargo build -p meshgate-fixture` did not produce it; \
-             build it yourself with the same profile as the tests",
-            bin.display()
-        );
-        bin
-    })
+    BIN.get_or_init(|| sibling_bin("meshgate-fixture", "meshgate-fixture"))
 }
 
-fn build_fixture(profile_dir: &Path) {
+/// The example agent `meshgate-agent` (package `meshgate-agent`), next to
+/// the `meshgate` binary; built like the fixture when it is missing.
+pub fn agent_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| sibling_bin("meshgate-agent", "meshgate-agent"))
+}
+
+fn sibling_bin(name: &str, package: &str) -> PathBuf {
+    let meshgate = meshgate_bin();
+    let dir = meshgate
+        .parent()
+        .expect("the meshgate binary has a parent folder");
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !bin.exists() {
+        build_package(dir, package);
+    }
+    assert!(
+        bin.exists(),
+        "the binary {} is missing and `cargo build -p {package}` did not produce it; \
+         build it yourself with the same profile as the tests",
+        bin.display()
+    );
+    bin
+}
+
+fn build_package(profile_dir: &Path, package: &str) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(&cargo);
-    cmd.args(["build", "-p", "meshgate-fixture"]);
+    cmd.args(["build", "-p", package]);
     match profile_dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") | None => {}
         Some("release") => {
@@ -79,10 +90,10 @@ fn build_fixture(profile_dir: &Path) {
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
     let status = cmd
         .status()
-        .unwrap_or_else(|e| panic!("cannot run `{cargo} build -p meshgate-fixture`: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run `{cargo} build -p {package}`: {e}"));
     assert!(
         status.success(),
-        "`{cargo} build -p meshgate-fixture` failed with {status}"
+        "`{cargo} build -p {package}` failed with {status}"
     );
 }
 

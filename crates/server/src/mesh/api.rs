@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -67,6 +67,20 @@ fn mesh(gw: &Gateway) -> Result<Arc<Mesh>, Response> {
     })
 }
 
+/// The mesh, or the 404 that says it is disabled.
+struct Enabled(Arc<Mesh>);
+
+impl axum::extract::FromRequestParts<Arc<Gateway>> for Enabled {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        _parts: &mut axum::http::request::Parts,
+        gw: &Arc<Gateway>,
+    ) -> Result<Self, Response> {
+        mesh(gw).map(Enabled)
+    }
+}
+
 fn parse_body(body: &Bytes) -> Result<Value, Response> {
     if body.is_empty() {
         return Ok(json!({}));
@@ -82,15 +96,11 @@ fn parse_body(body: &Bytes) -> Result<Value, Response> {
 type Principal = Extension<RequestPrincipal>;
 
 async fn submit(
-    State(gw): State<Arc<Gateway>>,
+    Enabled(mesh): Enabled,
     Extension(RequestPrincipal(p)): Principal,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mesh = match mesh(&gw) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
     let mut body = match parse_body(&body) {
         Ok(v) => v,
         Err(r) => return r,
@@ -164,14 +174,10 @@ struct ListParams {
 }
 
 async fn list(
-    State(gw): State<Arc<Gateway>>,
+    Enabled(mesh): Enabled,
     Extension(RequestPrincipal(p)): Principal,
     q: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let mesh = match mesh(&gw) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
     let Query(q) = match q {
         Ok(q) => q,
         Err(e) => {
@@ -210,14 +216,10 @@ async fn list(
 }
 
 async fn get_task(
-    State(gw): State<Arc<Gateway>>,
+    Enabled(mesh): Enabled,
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
 ) -> Response {
-    let mesh = match mesh(&gw) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
     match mesh.get(&p, &id).await {
         Ok(t) => Json(t).into_response(),
         Err(e) => error(e),
@@ -225,15 +227,11 @@ async fn get_task(
 }
 
 async fn cancel(
-    State(gw): State<Arc<Gateway>>,
+    Enabled(mesh): Enabled,
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let mesh = match mesh(&gw) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
     let body = match parse_body(&body) {
         Ok(v) => v,
         Err(r) => return r,
@@ -250,14 +248,10 @@ async fn cancel(
 }
 
 async fn cancel_delete(
-    State(gw): State<Arc<Gateway>>,
+    Enabled(mesh): Enabled,
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
 ) -> Response {
-    let mesh = match mesh(&gw) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
     match mesh.cancel(&p, &id, None).await {
         Ok(t) => Json(t).into_response(),
         Err(e) => error(e),
@@ -267,14 +261,10 @@ async fn cancel_delete(
 /// `GET /api/v1/tasks/{id}/events`: the current state first, then every
 /// state change and progress report, ending after a terminal state.
 async fn events(
-    State(gw): State<Arc<Gateway>>,
+    Enabled(mesh): Enabled,
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
 ) -> Response {
-    let mesh = match mesh(&gw) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
     // Subscribe before reading the state, so nothing falls in between.
     let mut rx = mesh.subscribe();
     let task = match mesh.get(&p, &id).await {
@@ -342,14 +332,7 @@ fn tokio_stream_from<T: Send + 'static>(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-async fn agents(
-    State(gw): State<Arc<Gateway>>,
-    Extension(RequestPrincipal(p)): Principal,
-) -> Response {
-    let mesh = match mesh(&gw) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
+async fn agents(Enabled(mesh): Enabled, Extension(RequestPrincipal(p)): Principal) -> Response {
     match mesh.agents(&p).await {
         Ok(a) => Json(json!({"agents": a})).into_response(),
         Err(e) => error(e),
@@ -357,14 +340,10 @@ async fn agents(
 }
 
 async fn agent(
-    State(gw): State<Arc<Gateway>>,
+    Enabled(mesh): Enabled,
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
 ) -> Response {
-    let mesh = match mesh(&gw) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
     match mesh.agent(&p, &id).await {
         Ok(a) => Json(a).into_response(),
         Err(e) => error(e),
@@ -372,15 +351,11 @@ async fn agent(
 }
 
 async fn set_config(
-    State(gw): State<Arc<Gateway>>,
+    Enabled(mesh): Enabled,
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let mesh = match mesh(&gw) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
     let body = match parse_body(&body) {
         Ok(v) => v,
         Err(r) => return r,
@@ -398,14 +373,10 @@ async fn set_config(
 }
 
 async fn health_check(
-    State(gw): State<Arc<Gateway>>,
+    Enabled(mesh): Enabled,
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
 ) -> Response {
-    let mesh = match mesh(&gw) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
     match mesh.ask_agent(&p, &id, "health.check").await {
         Ok(v) => Json(v).into_response(),
         Err(e) => error(e),
@@ -413,14 +384,10 @@ async fn health_check(
 }
 
 async fn capability_query(
-    State(gw): State<Arc<Gateway>>,
+    Enabled(mesh): Enabled,
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
 ) -> Response {
-    let mesh = match mesh(&gw) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
     match mesh.ask_agent(&p, &id, "capability.query").await {
         Ok(v) => Json(v).into_response(),
         Err(e) => error(e),
@@ -428,14 +395,10 @@ async fn capability_query(
 }
 
 async fn blob(
-    State(gw): State<Arc<Gateway>>,
+    Enabled(mesh): Enabled,
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
 ) -> Response {
-    let mesh = match mesh(&gw) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
     match mesh.blob(&p, &id).await {
         Ok(b) => {
             let mut r = (StatusCode::OK, b.data).into_response();
@@ -452,9 +415,6 @@ async fn blob(
     }
 }
 
-async fn stats(State(gw): State<Arc<Gateway>>) -> Response {
-    match mesh(&gw) {
-        Ok(m) => Json(m.stats()).into_response(),
-        Err(r) => r,
-    }
+async fn stats(Enabled(mesh): Enabled) -> Response {
+    Json(mesh.stats()).into_response()
 }

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use state::AgentView;
 use state::State;
-use writer::{Batch, Writer};
+use writer::{After, Batch, Writer};
 
 /// Agent error codes (JSON-RPC `error.code`), as in `docs/agent-protocol.md`.
 pub mod code {
@@ -174,6 +174,9 @@ pub struct Mesh {
     next_request: AtomicU64,
     /// Cancelled when the gateway shuts down.
     pub shutdown: CancellationToken,
+    /// Authentication, to re-check a connected agent's key (set at start-up
+    /// when auth is on).
+    pub auth: std::sync::OnceLock<Arc<crate::auth::Auth>>,
 }
 
 enum Prepared {
@@ -196,7 +199,8 @@ impl Mesh {
         let open = store.open_tasks().await?;
         let keys = store.idempotency_keys().await?;
         let now = now_ms();
-        let mut state = State::new(cfg.clone());
+        let (events, _) = broadcast::channel(8192);
+        let mut state = State::new(cfg.clone(), events.clone());
         let recovered = state.recover(open, keys, now);
         if recovered.tasks > 0 {
             tracing::info!(
@@ -209,7 +213,6 @@ impl Mesh {
             );
         }
         let wake = Arc::new(Notify::new());
-        let (events, _) = broadcast::channel(8192);
         let writer = Writer::start(store.clone(), events.clone(), wake.clone());
         let mesh = Arc::new(Mesh {
             cfg,
@@ -221,6 +224,7 @@ impl Mesh {
             next_conn: AtomicU64::new(1),
             next_request: AtomicU64::new(1),
             shutdown,
+            auth: std::sync::OnceLock::new(),
         });
         tokio::spawn(mesh.clone().dispatch_loop());
         tokio::spawn(mesh.clone().housekeeping_loop());
@@ -231,13 +235,17 @@ impl Mesh {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Commits a batch and waits until it is stored.
-    async fn commit(&self, batch: Batch) -> Result<(), MeshError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
+    /// Queues a batch for the writer and returns what tells when it is
+    /// stored. Call it while holding the state lock, so that batches reach
+    /// the writer in the order their changes were made.
+    fn submit_batch(&self, batch: Batch) -> oneshot::Receiver<Result<(), String>> {
         let (tx, rx) = oneshot::channel();
         self.writer.submit(batch, Some(tx));
+        rx
+    }
+
+    /// Waits until a batch queued by [`Mesh::submit_batch`] is stored.
+    async fn stored(rx: oneshot::Receiver<Result<(), String>>) -> Result<(), MeshError> {
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(MeshError::store(e)),
@@ -245,7 +253,8 @@ impl Mesh {
         }
     }
 
-    /// Queues a batch without waiting (its messages still wait for the commit).
+    /// Queues a batch without waiting (its messages still wait for the
+    /// commit). Call it while holding the state lock.
     fn enqueue(&self, batch: Batch) {
         if !batch.is_empty() {
             self.writer.submit(batch, None);
@@ -293,6 +302,7 @@ impl Mesh {
         let mut batch = Batch::default();
         let mut created: Vec<(usize, Task)> = Vec::new();
         let mut taken: Vec<(usize, String)> = Vec::new();
+        let (ack, stored) = oneshot::channel();
         {
             let mut st = self.lock();
             for (i, t) in fresh {
@@ -304,8 +314,24 @@ impl Mesh {
                     Err(existing) => taken.push((i, existing)),
                 }
             }
+            // Assigned in the same commit when an agent is free: one row
+            // per task, one wait for the disk.
+            batch.extend(st.dispatch(now));
+            // Queued under the lock, even when empty: behind the job of any
+            // task this call replays from memory, so that no replay names a
+            // task before it is stored (the writer commits jobs in order).
+            self.writer.submit(batch, Some(ack));
         }
-        let committed = self.commit(batch).await;
+        let committed = match stored.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(MeshError::store(e)),
+            Err(_) => Err(MeshError::store("the writer stopped")),
+        };
+        if let Err(e) = &committed {
+            for o in out.iter_mut().filter(|o| matches!(o, Some(Ok((_, true))))) {
+                *o = Some(Err(e.clone()));
+            }
+        }
         for (i, t) in created {
             out[i] = Some(match &committed {
                 Ok(()) => {
@@ -317,7 +343,10 @@ impl Mesh {
             });
         }
         for (i, id) in taken {
-            out[i] = Some(self.get(p, &id).await.map(|t| (t, true)));
+            out[i] = Some(match &committed {
+                Ok(()) => self.get(p, &id).await.map(|t| (t, true)),
+                Err(e) => Err(e.clone()),
+            });
         }
         out.into_iter()
             .map(|r| r.unwrap_or_else(|| Err(MeshError::store("no answer for the submission"))))
@@ -434,8 +463,13 @@ impl Mesh {
         }
         let reason = reason.unwrap_or_else(|| format!("cancelled by {}", p.subject));
         let now = now_ms();
-        let (task, batch) = self.lock().cancel(id, &reason, now)?;
-        self.commit(batch).await?;
+        let (task, rx) = {
+            let mut st = self.lock();
+            let (task, mut batch) = st.cancel(id, &reason, now)?;
+            batch.extend(st.dispatch(now));
+            (task, self.submit_batch(batch))
+        };
+        Self::stored(rx).await?;
         Ok(task)
     }
 
@@ -451,14 +485,16 @@ impl Mesh {
         format!("g-{}", self.next_request.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Registers an agent on connection `conn`. Answers after the
-    /// registration and any re-queued tasks are stored.
+    /// Registers an agent on connection `conn`. The answer to request
+    /// `reply_id` goes out through `tx` once the registration and any
+    /// re-queued tasks are stored.
     pub async fn register(
         &self,
         tenant: &str,
         reg: Registration,
         conn: u64,
         tx: AgentTx,
+        reply_id: &Value,
     ) -> Result<Value, MeshError> {
         let stored = self
             .store
@@ -477,8 +513,18 @@ impl Mesh {
             ));
         }
         let now = now_ms();
-        let (answer, batch) = self.lock().register(tenant, reg, conn, tx, stored, now)?;
-        self.commit(batch).await?;
+        let (answer, rx) = {
+            let mut st = self.lock();
+            let (answer, mut batch) = st.register(tenant, reg, conn, tx.clone(), stored, now)?;
+            // Sent by the writer with this batch, so that it precedes any
+            // task assigned to the agent meanwhile (a later batch).
+            let frame = json!({"jsonrpc": "2.0", "id": reply_id, "result": answer});
+            batch
+                .after
+                .push(After::Send(tx, Outbound::Text(frame.to_string())));
+            (answer, self.submit_batch(batch))
+        };
+        Self::stored(rx).await?;
         self.wake.notify_one();
         Ok(answer)
     }
@@ -486,7 +532,8 @@ impl Mesh {
     /// The connection `conn` of agent `id` ended.
     pub fn disconnected(&self, id: &str, conn: u64, why: &str) {
         let now = now_ms();
-        let batch = self.lock().disconnect(id, conn, why, now);
+        let mut st = self.lock();
+        let batch = st.disconnect(id, conn, why, now);
         self.enqueue(batch);
     }
 
@@ -507,11 +554,21 @@ impl Mesh {
         reply: Option<(AgentTx, Value)>,
     ) -> Result<(), MeshError> {
         let now = now_ms();
-        let batch = self
-            .lock()
-            .agent_call(agent, conn, method, params, reply, now)?;
-        self.enqueue(batch);
+        {
+            let mut st = self.lock();
+            let mut batch = st.agent_call(agent, conn, method, params, reply, now)?;
+            // A finished task frees a slot: fill it in the same commit.
+            if matches!(method, "task.complete" | "task.fail" | "task.reject") {
+                batch.extend(st.dispatch(now));
+            }
+            self.enqueue(batch);
+        }
         Ok(())
+    }
+
+    /// Checks that `agent` on connection `conn` holds task `id`.
+    pub fn check_held(&self, agent: &str, conn: u64, id: &str) -> Result<(), MeshError> {
+        self.lock().check_held(agent, conn, id)
     }
 
     /// Stores a large result as a blob and returns the reference that
@@ -612,8 +669,12 @@ impl Mesh {
         if let Some(doc) = row.doc.as_object_mut() {
             doc.insert("config_source".into(), json!("api"));
         }
-        let batch = self.lock().config_changed(row);
-        self.commit(batch).await?;
+        let rx = {
+            let mut st = self.lock();
+            let batch = st.config_changed(row);
+            self.submit_batch(batch)
+        };
+        Self::stored(rx).await?;
         self.agent(p, id).await
     }
 
@@ -689,12 +750,9 @@ impl Mesh {
                 _ = self.shutdown.cancelled() => return,
             }
             let now = now_ms();
-            let batch = {
-                let mut st = self.lock();
-                let mut b = st.expire(now);
-                b.extend(st.dispatch(now));
-                b
-            };
+            let mut st = self.lock();
+            let mut batch = st.expire(now);
+            batch.extend(st.dispatch(now));
             self.enqueue(batch);
         }
     }
@@ -707,9 +765,12 @@ impl Mesh {
                 _ = tick.tick() => {}
                 _ = self.shutdown.cancelled() => return,
             }
-            let batch = self.lock().flush_agents(now_ms());
-            self.enqueue(batch);
-            self.lock().publish_gauges();
+            {
+                let mut st = self.lock();
+                let batch = st.flush_agents(now_ms());
+                self.enqueue(batch);
+                st.publish_gauges();
+            }
             if self.cfg.task_retention_secs > 0 && tokio::time::Instant::now() >= purge_at {
                 purge_at = tokio::time::Instant::now() + Duration::from_secs(3600);
                 let before = now_ms() - (self.cfg.task_retention_secs as i64) * 1000;

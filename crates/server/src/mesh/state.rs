@@ -26,6 +26,7 @@ const RECENT: usize = 100_000;
 
 type QKey = (Reverse<i32>, u64, String);
 type Ask = oneshot::Sender<Result<Value, MeshError>>;
+type Events = tokio::sync::broadcast::Sender<Arc<TaskUpdate>>;
 
 struct Agent {
     id: String,
@@ -188,9 +189,13 @@ pub(super) struct Recovered {
 
 pub(super) struct State {
     cfg: MeshConfig,
+    events: Events,
     tasks: HashMap<String, Task>,
-    queue: BTreeSet<QKey>,
-    qkey: HashMap<String, QKey>,
+    /// Pending tasks ready to run, one queue per signature (tenant and
+    /// required capabilities): tasks of one signature have the same eligible
+    /// agents, so when its head cannot be placed, none of them can.
+    queues: HashMap<String, BTreeSet<QKey>>,
+    qkey: HashMap<String, (String, QKey)>,
     delayed: BTreeSet<(i64, String)>,
     deadlines: BTreeSet<(i64, String)>,
     idem: HashMap<(String, String), String>,
@@ -216,7 +221,12 @@ fn row(t: &Task) -> TaskRow {
     }
 }
 
-fn state_event(t: &Task) -> After {
+/// A state update for subscribers; the task snapshot is only built when
+/// someone listens (SSE streams, waiting `task_submit` calls).
+fn state_event(events: &Events, t: &Task) -> After {
+    if events.receiver_count() == 0 {
+        return After::Nothing;
+    }
     let mut snapshot = t.clone();
     snapshot.history.clear();
     After::Event(Arc::new(TaskUpdate {
@@ -228,6 +238,23 @@ fn state_event(t: &Task) -> After {
         message: t.progress_message.clone(),
         task: Some(snapshot),
     }))
+}
+
+/// Tasks of one signature have the same eligible agents.
+fn signature(t: &Task) -> String {
+    let mut caps: Vec<String> = t
+        .required_capabilities
+        .iter()
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    caps.sort();
+    caps.dedup();
+    let mut s = t.tenant.clone();
+    for c in caps {
+        s.push('\u{1f}');
+        s.push_str(&c);
+    }
+    s
 }
 
 fn notification(method: &str, params: Value) -> Outbound {
@@ -255,11 +282,12 @@ fn optional_text(params: &Value, key: &str, max: usize) -> Result<Option<String>
 }
 
 impl State {
-    pub fn new(cfg: MeshConfig) -> State {
+    pub fn new(cfg: MeshConfig, events: Events) -> State {
         State {
             cfg,
+            events,
             tasks: HashMap::new(),
-            queue: BTreeSet::new(),
+            queues: HashMap::new(),
             qkey: HashMap::new(),
             delayed: BTreeSet::new(),
             deadlines: BTreeSet::new(),
@@ -277,13 +305,22 @@ impl State {
     fn enqueue(&mut self, t: &Task) {
         self.qseq += 1;
         let key = (Reverse(t.priority), self.qseq, t.id.clone());
-        self.queue.insert(key.clone());
-        self.qkey.insert(t.id.clone(), key);
+        let sig = signature(t);
+        self.queues
+            .entry(sig.clone())
+            .or_default()
+            .insert(key.clone());
+        self.qkey.insert(t.id.clone(), (sig, key));
     }
 
     fn unqueue(&mut self, t: &Task) {
-        if let Some(k) = self.qkey.remove(&t.id) {
-            self.queue.remove(&k);
+        if let Some((sig, k)) = self.qkey.remove(&t.id)
+            && let Some(q) = self.queues.get_mut(&sig)
+        {
+            q.remove(&k);
+            if q.is_empty() {
+                self.queues.remove(&sig);
+            }
         }
         if let Some(nb) = t.not_before_ms {
             self.delayed.remove(&(nb, t.id.clone()));
@@ -402,7 +439,7 @@ impl State {
         self.enqueue(&task);
         let mut batch = Batch::default();
         batch.tasks.push(row(&task));
-        batch.after.push(state_event(&task));
+        batch.after.push(state_event(&self.events, &task));
         batch.after.push(After::Wake);
         self.tasks.insert(task.id.clone(), task.clone());
         Ok((task, batch))
@@ -510,7 +547,7 @@ impl State {
         }
         self.finish(&t, now);
         batch.tasks.push(row(&t));
-        batch.after.push(state_event(&t));
+        batch.after.push(state_event(&self.events, &t));
         batch.after.push(After::Wake);
         Ok((t, batch))
     }
@@ -564,7 +601,7 @@ impl State {
             self.finish(&t, now);
         }
         batch.tasks.push(row(&t));
-        batch.after.push(state_event(&t));
+        batch.after.push(state_event(&self.events, &t));
         if !t.state.is_terminal() {
             self.tasks.insert(t.id.clone(), t);
         }
@@ -730,6 +767,21 @@ impl State {
     }
 
     /// The open task `id` if `agent` holds it; otherwise the error that says why not.
+    /// Whether `agent` (on connection `conn`) holds open task `id`.
+    pub fn check_held(&self, agent: &str, conn: u64, id: &str) -> Result<(), MeshError> {
+        match self.agents.get(agent) {
+            Some(a) if a.conn.as_ref().is_some_and(|(c, _)| *c == conn) => {
+                self.held_task(agent, id).map(|_| ())
+            }
+            _ => Err(MeshError {
+                code: super::code::INVALID_MESSAGE,
+                status: 400,
+                message: "register first: the first request must be agent.register".into(),
+                data: Value::Null,
+            }),
+        }
+    }
+
     fn held_task(&self, agent: &str, id: &str) -> Result<Task, MeshError> {
         match self.tasks.get(id) {
             Some(t) if t.agent_id.as_deref() == Some(agent) && t.state.is_active() => Ok(t.clone()),
@@ -792,7 +844,7 @@ impl State {
                     t.transition(TaskState::Accepted, now, None)
                         .map_err(|e| MeshError::conflict(e, json!({"task_id": id})))?;
                     batch.tasks.push(row(&t));
-                    batch.after.push(state_event(&t));
+                    batch.after.push(state_event(&self.events, &t));
                 }
                 answer["state"] = json!(t.state);
                 self.tasks.insert(id, t);
@@ -813,7 +865,7 @@ impl State {
                 if t.state != TaskState::InProgress {
                     t.transition(TaskState::InProgress, now, None)
                         .map_err(|e| MeshError::conflict(e, json!({"task_id": id})))?;
-                    batch.after.push(state_event(&t));
+                    batch.after.push(state_event(&self.events, &t));
                 }
                 t.progress = Some(p);
                 t.progress_message = message.clone();
@@ -885,7 +937,7 @@ impl State {
                 self.release(&t);
                 self.finish(&t, now);
                 batch.tasks.push(row(&t));
-                batch.after.push(state_event(&t));
+                batch.after.push(state_event(&self.events, &t));
                 batch.after.push(After::Wake);
                 answer["state"] = json!(t.state);
             }
@@ -933,7 +985,7 @@ impl State {
                     t.dead_letter = true;
                     self.finish(&t, now);
                     batch.tasks.push(row(&t));
-                    batch.after.push(state_event(&t));
+                    batch.after.push(state_event(&self.events, &t));
                     batch.after.push(After::Wake);
                 }
                 let after = self.tasks.get(&id).map(|t| (t.state, t.not_before_ms));
@@ -1007,6 +1059,12 @@ impl State {
                 tracing::warn!(agent = %a.id, conn = conn, "mesh: agent silent past the heartbeat timeout; marked offline");
                 a.conn = None;
                 a.gone_since = Some(now);
+                for (_, ask) in a.asks.drain() {
+                    let _ = ask.send(Err(MeshError::conflict(
+                        format!("agent `{}` went silent and was marked offline", a.id),
+                        Value::Null,
+                    )));
+                }
             }
             if a.gone_since.is_some_and(|g| now - g >= grace) {
                 gone.push(a.id.clone());
@@ -1032,86 +1090,103 @@ impl State {
         batch
     }
 
+    /// Assigns pending tasks to free eligible agents, best head of any
+    /// signature first (priority, then arrival), until no tenant has a free
+    /// slot or every remaining signature is blocked. Costs O(signatures +
+    /// agents) per assignment, however many tasks wait.
     pub fn dispatch(&mut self, now: i64) -> Batch {
         let mut batch = Batch::default();
-        if self.queue.is_empty() {
+        if self.queues.is_empty() {
             return batch;
         }
-        let mut free: HashMap<&str, u32> = HashMap::new();
+        let mut free: HashMap<String, u32> = HashMap::new();
         for a in self.agents.values().filter(|a| a.online()) {
-            *free.entry(a.tenant.as_str()).or_default() +=
+            *free.entry(a.tenant.clone()).or_default() +=
                 a.limit.saturating_sub(a.active.len() as u32);
         }
         let mut total: u32 = free.values().sum();
-        let mut picks: Vec<(QKey, String)> = Vec::new();
-        {
-            let mut extra: HashMap<&str, (u32, u64)> = HashMap::new();
-            let mut seq = self.assign_seq;
-            for key in &self.queue {
-                if total == 0 {
-                    break;
+        let mut blocked: HashSet<String> = HashSet::new();
+        while total > 0 {
+            let mut best: Option<(&QKey, &String)> = None;
+            for (sig, q) in &self.queues {
+                if blocked.contains(sig) {
+                    continue;
                 }
-                let Some(t) = self.tasks.get(&key.2) else {
-                    continue;
-                };
-                let Some(f) = free.get_mut(t.tenant.as_str()).filter(|f| **f > 0) else {
-                    continue;
-                };
-                let need = Need {
-                    task_type: &t.task_type,
-                    required: &t.required_capabilities,
-                    rejected_by: &t.rejected_by,
-                };
-                let c = self.candidates(&t.tenant, &extra);
-                if let Some(i) = choose(self.strategy(t), &need, &c) {
-                    let agent = c[i].id;
-                    seq += 1;
-                    let e = extra.entry(agent).or_insert((0, 0));
-                    e.0 += 1;
-                    e.1 = seq;
-                    *f -= 1;
-                    total -= 1;
-                    picks.push((key.clone(), agent.to_owned()));
+                if let Some(head) = q.first()
+                    && best.is_none_or(|(b, _)| head < b)
+                {
+                    best = Some((head, sig));
                 }
             }
-        }
-        for (key, agent) in picks {
-            self.queue.remove(&key);
-            self.qkey.remove(&key.2);
-            let Some(mut t) = self.tasks.remove(&key.2) else {
+            let Some((key, sig)) = best.map(|(k, s)| (k.clone(), s.clone())) else {
+                break;
+            };
+            let Some(t) = self.tasks.get(&key.2) else {
+                if let Some(q) = self.queues.get_mut(&sig) {
+                    q.remove(&key);
+                }
+                self.qkey.remove(&key.2);
                 continue;
             };
-            self.assign_seq += 1;
-            t.agent_id = Some(agent.clone());
-            t.attempts += 1;
-            t.assigned_at_ms = Some(now);
-            let deadline = now + t.timeout_secs as i64 * 1000;
-            t.deadline_ms = Some(deadline);
-            t.extended_secs = 0;
-            t.progress = None;
-            t.progress_message = None;
-            let note = Some(format!("attempt {} of {}", t.attempts, t.max_retries + 1));
-            if t.transition(TaskState::Assigned, now, note).is_err() {
-                self.tasks.insert(t.id.clone(), t);
+            let slots = free.get_mut(&t.tenant);
+            let Some(slots) = slots.filter(|f| **f > 0) else {
+                blocked.insert(sig);
                 continue;
+            };
+            let need = Need {
+                task_type: &t.task_type,
+                required: &t.required_capabilities,
+                rejected_by: &t.rejected_by,
+            };
+            let c = self.candidates(&t.tenant, &HashMap::new());
+            match choose(self.strategy(t), &need, &c) {
+                Some(i) => {
+                    let agent = c[i].id.to_owned();
+                    *slots -= 1;
+                    total -= 1;
+                    self.assign(&key, &agent, now, &mut batch);
+                }
+                None => {
+                    blocked.insert(sig);
+                }
             }
-            t.deadline_ms = Some(deadline);
-            self.deadlines.insert((deadline, t.id.clone()));
-            if let Some(a) = self.agents.get_mut(&agent) {
-                a.active.insert(t.id.clone());
-                a.last_assigned = self.assign_seq;
-                a.stats.assigned += 1;
-                a.dirty = true;
-                a.send(
-                    notification("task.assigned", json!({"task": t.assignment()})),
-                    &mut batch,
-                );
-            }
-            batch.tasks.push(row(&t));
-            batch.after.push(state_event(&t));
-            self.tasks.insert(t.id.clone(), t);
         }
         batch
+    }
+
+    fn assign(&mut self, key: &QKey, agent: &str, now: i64, batch: &mut Batch) {
+        let Some(mut t) = self.tasks.remove(&key.2) else {
+            return;
+        };
+        self.unqueue(&t);
+        self.assign_seq += 1;
+        t.agent_id = Some(agent.to_owned());
+        t.attempts += 1;
+        t.assigned_at_ms = Some(now);
+        let deadline = now + t.timeout_secs as i64 * 1000;
+        t.extended_secs = 0;
+        t.progress = None;
+        t.progress_message = None;
+        let note = Some(format!("attempt {} of {}", t.attempts, t.max_retries + 1));
+        if t.transition(TaskState::Assigned, now, note).is_err() {
+            self.tasks.insert(t.id.clone(), t);
+            return;
+        }
+        t.deadline_ms = Some(deadline);
+        self.deadlines.insert((deadline, t.id.clone()));
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.active.insert(t.id.clone());
+            a.last_assigned = self.assign_seq;
+            a.stats.assigned += 1;
+            a.dirty = true;
+            a.send(
+                notification("task.assigned", json!({"task": t.assignment()})),
+                batch,
+            );
+        }
+        batch.tasks.push(row(&t));
+        batch.after.push(state_event(&self.events, &t));
+        self.tasks.insert(t.id.clone(), t);
     }
 
     // ----- views, config, requests to agents -----

@@ -221,9 +221,17 @@ async fn submit(
                         ("state", _) => Some(format!("task {}", u.state.as_str())),
                         _ => None,
                     };
-                    if value > last_progress || (u.kind == "state" && value >= last_progress) {
-                        last_progress = value.max(last_progress)
-                            + if value > last_progress { 0.0 } else { 0.001 };
+                    // A state change at the same progress nudges it up to
+                    // stay strictly increasing, but never past the total.
+                    let next = if value > last_progress {
+                        value
+                    } else {
+                        last_progress + 0.001
+                    };
+                    if (value > last_progress || (u.kind == "state" && value >= last_progress))
+                        && next <= 100.0
+                    {
+                        last_progress = next;
                         let mut param =
                             ProgressNotificationParam::new(sink.token.clone(), last_progress)
                                 .with_total(100.0);

@@ -26,6 +26,8 @@ pub(super) enum After {
     Event(Arc<TaskUpdate>),
     /// Run the dispatcher again.
     Wake,
+    /// Nothing (an update nobody listens to).
+    Nothing,
 }
 
 /// Rows to store and what to do after.
@@ -170,6 +172,7 @@ async fn run(
                         }
                     }
                     (After::Wake, _) => wake.notify_one(),
+                    (After::Nothing, _) => {}
                     (_, Err(_)) => {}
                 }
             }

@@ -243,6 +243,16 @@ impl Connection {
                     if tx.send(Outbound::Ping).is_err() {
                         break "writer ended".to_owned();
                     }
+                    if let Some(why) = self.credential_gone().await {
+                        let _ = tx.send(rpc_error(&Value::Null, &MeshError {
+                            code: code::AUTH_FAILED,
+                            status: 401,
+                            message: format!("{why}; the connection is closed, reconnect with a valid key"),
+                            data: Value::Null,
+                        }));
+                        let _ = tx.send(Outbound::Close(1008, "credential no longer valid".into()));
+                        break "credential no longer valid".to_owned();
+                    }
                 }
                 _ = shutdown.cancelled() => {
                     let _ = tx.send(Outbound::Close(1001, "gateway shutting down; reconnect later".into()));
@@ -256,6 +266,18 @@ impl Connection {
         drop(tx);
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
         metrics::gauge!("agent_connections").decrement(1.0);
+    }
+
+    /// Why the connection's API key is no longer valid (revoked, expired,
+    /// deleted), checked every heartbeat interval; `None` while it is.
+    async fn credential_gone(&self) -> Option<String> {
+        let auth = self.mesh.auth.get()?;
+        let key = self.principal.key_id.as_deref()?;
+        match auth.live_key_by_id(key).await {
+            Ok(_) => None,
+            Err(crate::auth::AuthError::Unavailable(_)) => None,
+            Err(e) => Some(e.to_string()),
+        }
     }
 
     /// Handles one text frame. Returns a close frame when the connection
@@ -419,13 +441,13 @@ impl Connection {
         let _ = &self.agent_type;
         match self
             .mesh
-            .register(&self.principal.tenant, reg, self.conn, tx.clone())
+            .register(&self.principal.tenant, reg, self.conn, tx.clone(), id)
             .await
         {
-            Ok(answer) => {
+            // The mesh sent the answer, ahead of any task for the agent.
+            Ok(_) => {
                 self.registered = true;
                 tracing::info!(agent = %self.agent_id, name = %name, tenant = %self.principal.tenant, "mesh: agent registered");
-                let _ = tx.send(rpc_result(id, answer));
                 None
             }
             Err(e) => {
@@ -461,6 +483,12 @@ impl Connection {
             let bytes = serde_json::to_vec(result)
                 .map_err(|e| MeshError::invalid("result", e.to_string()))?;
             if bytes.len() > cfg.blob_threshold_bytes {
+                // Only the task's own agent may leave a blob behind.
+                let task_id = params
+                    .get("task_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                self.mesh.check_held(&self.agent_id, self.conn, task_id)?;
                 let reference = self.mesh.store_blob(&self.principal.tenant, bytes).await?;
                 params["result"] = reference;
             }
