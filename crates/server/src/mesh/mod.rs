@@ -307,16 +307,14 @@ impl Mesh {
             let mut st = self.lock();
             for (i, t) in fresh {
                 match st.submit(t) {
-                    Ok((t, b)) => {
-                        batch.extend(b);
-                        created.push((i, t));
-                    }
+                    Ok(t) => created.push((i, t)),
                     Err(existing) => taken.push((i, existing)),
                 }
             }
             // Assigned in the same commit when an agent is free: one row
             // per task, one wait for the disk.
             batch.extend(st.dispatch(now));
+            created = st.rows_of_new(created, &mut batch);
             // Queued under the lock, even when empty: behind the job of any
             // task this call replays from memory, so that no replay names a
             // task before it is stored (the writer commits jobs in order).

@@ -428,7 +428,7 @@ impl State {
 
     /// Adds a new task; if its idempotency key was taken meanwhile, returns
     /// the id of the task that holds it.
-    pub fn submit(&mut self, task: Task) -> Result<(Task, Batch), String> {
+    pub fn submit(&mut self, task: Task) -> Result<Task, String> {
         if let Some(key) = &task.idempotency_key {
             let k = (task.tenant.clone(), key.clone());
             if let Some(id) = self.idem.get(&k) {
@@ -437,12 +437,26 @@ impl State {
             self.idem.insert(k, task.id.clone());
         }
         self.enqueue(&task);
-        let mut batch = Batch::default();
-        batch.tasks.push(row(&task));
-        batch.after.push(state_event(&self.events, &task));
-        batch.after.push(After::Wake);
         self.tasks.insert(task.id.clone(), task.clone());
-        Ok((task, batch))
+        Ok(task)
+    }
+
+    /// Adds the rows of newly submitted tasks that `batch` does not hold
+    /// yet (those still pending; assigned ones got their row from
+    /// `dispatch`), and returns each task as it is now.
+    pub fn rows_of_new(&self, tasks: Vec<(usize, Task)>, batch: &mut Batch) -> Vec<(usize, Task)> {
+        let written: HashSet<&str> = batch.tasks.iter().map(|r| r.id.as_str()).collect();
+        let mut rows = Vec::new();
+        let mut out = Vec::with_capacity(tasks.len());
+        for (i, t) in tasks {
+            let now = self.tasks.get(&t.id).cloned().unwrap_or(t);
+            if !written.contains(now.id.as_str()) {
+                rows.push(row(&now));
+            }
+            out.push((i, now));
+        }
+        batch.tasks.extend(rows);
+        out
     }
 
     /// A copy of an open task, with why it waits if it is pending.

@@ -438,7 +438,6 @@ impl Connection {
             }
         };
         let name = reg.name.clone();
-        let _ = &self.agent_type;
         match self
             .mesh
             .register(&self.principal.tenant, reg, self.conn, tx.clone(), id)
@@ -447,7 +446,7 @@ impl Connection {
             // The mesh sent the answer, ahead of any task for the agent.
             Ok(_) => {
                 self.registered = true;
-                tracing::info!(agent = %self.agent_id, name = %name, tenant = %self.principal.tenant, "mesh: agent registered");
+                tracing::info!(agent = %self.agent_id, name = %name, agent_type = %self.agent_type, tenant = %self.principal.tenant, "mesh: agent registered");
                 None
             }
             Err(e) => {
