@@ -93,6 +93,7 @@ enum Report {
 }
 
 async fn deliver(shared: &Shared, id: &str, mut report: Report) {
+    shared.tasks.mark_finishing(id);
     loop {
         let (method, params) = match &report {
             Report::Complete(result) => ("task.complete", json!({"task_id": id, "result": result})),

@@ -16,6 +16,8 @@ struct Entry {
     /// Shutdown's grace ran out: the handler is (to be) aborted.
     aborted: bool,
     handler: Option<AbortHandle>,
+    /// Its outcome was sent: the gateway frees its slot once it stores it.
+    finishing: bool,
 }
 
 /// Why a task could not be added.
@@ -48,7 +50,7 @@ impl TaskTable {
         if entries.contains_key(id) {
             return Err(Refusal::Duplicate);
         }
-        if entries.len() >= max {
+        if entries.values().filter(|e| !e.finishing).count() >= max {
             return Err(Refusal::Full);
         }
         let token = CancellationToken::new();
@@ -59,10 +61,18 @@ impl TaskTable {
                 cancelled_by_gateway: false,
                 aborted: false,
                 handler: None,
+                finishing: false,
             },
         );
         self.count.send_replace(entries.len());
         Ok(token)
+    }
+
+    /// Its outcome is on its way: it no longer takes a slot.
+    pub(crate) fn mark_finishing(&self, id: &str) {
+        if let Some(e) = self.lock().get_mut(id) {
+            e.finishing = true;
+        }
     }
 
     /// Lets go of a task.
