@@ -83,8 +83,12 @@ async fn tools_list_shows_the_tools_of_both_upstreams_with_their_prefixes() {
         names
             .iter()
             .filter(|n| *n != "meshgate_status")
+            .filter(
+                |n| !["agents_list", "task_submit", "task_get", "task_cancel"]
+                    .contains(&n.as_str())
+            )
             .all(|n| n.starts_with("fx__") || n.starts_with("fxs__")),
-        "every upstream tool carries its upstream's prefix: {names:?}"
+        "every upstream tool carries its upstream's prefix (beside the gateway's own tools): {names:?}"
     );
     let echo = tools
         .iter()
