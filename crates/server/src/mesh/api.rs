@@ -67,6 +67,14 @@ fn mesh(gw: &Gateway) -> Result<Arc<Mesh>, Response> {
     })
 }
 
+/// The JSON answer of a mesh operation, or its error.
+fn reply<T: serde::Serialize>(r: Result<T, MeshError>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(e),
+    }
+}
+
 /// The mesh, or the 404 that says it is disabled.
 struct Enabled(Arc<Mesh>);
 
@@ -220,10 +228,7 @@ async fn get_task(
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
 ) -> Response {
-    match mesh.get(&p, &id).await {
-        Ok(t) => Json(t).into_response(),
-        Err(e) => error(e),
-    }
+    reply(mesh.get(&p, &id).await)
 }
 
 async fn cancel(
@@ -241,10 +246,7 @@ async fn cancel(
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return error(MeshError::invalid("reason", "must be a string")),
     };
-    match mesh.cancel(&p, &id, reason).await {
-        Ok(t) => Json(t).into_response(),
-        Err(e) => error(e),
-    }
+    reply(mesh.cancel(&p, &id, reason).await)
 }
 
 async fn cancel_delete(
@@ -252,10 +254,7 @@ async fn cancel_delete(
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
 ) -> Response {
-    match mesh.cancel(&p, &id, None).await {
-        Ok(t) => Json(t).into_response(),
-        Err(e) => error(e),
-    }
+    reply(mesh.cancel(&p, &id, None).await)
 }
 
 /// `GET /api/v1/tasks/{id}/events`: the current state first, then every
@@ -344,10 +343,7 @@ async fn agent(
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
 ) -> Response {
-    match mesh.agent(&p, &id).await {
-        Ok(a) => Json(a).into_response(),
-        Err(e) => error(e),
-    }
+    reply(mesh.agent(&p, &id).await)
 }
 
 async fn set_config(
@@ -366,10 +362,7 @@ async fn set_config(
             "is required: send {\"config\": {…}}",
         ));
     };
-    match mesh.set_agent_config(&p, &id, config).await {
-        Ok(a) => Json(a).into_response(),
-        Err(e) => error(e),
-    }
+    reply(mesh.set_agent_config(&p, &id, config).await)
 }
 
 async fn health_check(
@@ -377,10 +370,7 @@ async fn health_check(
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
 ) -> Response {
-    match mesh.ask_agent(&p, &id, "health.check").await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => error(e),
-    }
+    reply(mesh.ask_agent(&p, &id, "health.check").await)
 }
 
 async fn capability_query(
@@ -388,10 +378,7 @@ async fn capability_query(
     Extension(RequestPrincipal(p)): Principal,
     Path(id): Path<String>,
 ) -> Response {
-    match mesh.ask_agent(&p, &id, "capability.query").await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => error(e),
-    }
+    reply(mesh.ask_agent(&p, &id, "capability.query").await)
 }
 
 async fn blob(
