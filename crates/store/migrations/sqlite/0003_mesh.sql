@@ -18,7 +18,9 @@ CREATE TABLE tasks (
     doc             TEXT NOT NULL              -- JSON: the whole task
 );
 CREATE INDEX tasks_tenant_seq ON tasks (tenant, seq);
-CREATE INDEX tasks_state ON tasks (state);
+-- Filters by state, and the retention purge (terminal states, oldest first)
+-- without reading the finished tasks it keeps.
+CREATE INDEX tasks_state_updated ON tasks (state, updated_at);
 CREATE INDEX tasks_agent_id ON tasks (agent_id) WHERE agent_id IS NOT NULL;
 -- An idempotency key names one task per tenant; tasks without one are many.
 CREATE UNIQUE INDEX tasks_tenant_idempotency ON tasks (tenant, idempotency_key)
