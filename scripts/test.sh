@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (see README): installs the Node-based test peers,
 # checks formatting and lints, runs every Rust test (unit, property and the
-# integration suite that drives the real binary), then the official MCP
+# integration suite that drives the real binary), the fuzz targets for a
+# bounded time (FUZZ_SECONDS each, 60 by default), then the official MCP
 # conformance suite through the gateway.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +16,5 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
 cargo test --workspace --locked
+scripts/fuzz.sh
 scripts/conformance.sh

@@ -3,37 +3,38 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
+use futures::stream::SplitStream;
+use meshgate_protocol::frame::{self, Limits};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use tokio::net::TcpStream;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::error::UrlError;
+use tokio_tungstenite::tungstenite::error::{ProtocolError, UrlError};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::rpc::{Session, error_frame, request_frame, result_frame};
+use crate::rpc::{AnswerHook, Outgoing, Session, error_frame, result_frame};
+use crate::state::{self, Replicas, StateHandle};
 use crate::table::{Refusal, TaskTable};
-use crate::{AgentError, AgentEvent, AgentOptions, Task, TaskHandler, codes, driver};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+use crate::wire::{self, Inbound, Link, Ws};
+use crate::{
+    AgentError, AgentEvent, AgentOptions, BinaryOptions, Negotiation, Task, TaskHandler, codes,
+    driver,
+};
 
 /// Events kept for slow observers before the oldest are dropped.
 const EVENT_CAPACITY: usize = 1024;
-/// Frames queued for the writer; senders wait when it is full.
-const OUTGOING_CAPACITY: usize = 256;
 /// Used when the register answer names no heartbeat interval.
 const DEFAULT_HEARTBEAT_SECS: u64 = 15;
 /// How long a closing handshake may take.
@@ -58,6 +59,10 @@ pub(crate) struct Shared {
     pub(crate) stopped: CancellationToken,
     /// Drivers, handlers and one-off sends, awaited before `run` returns.
     pub(crate) tracker: TaskTracker,
+    /// The subscribed CRDT documents and their local replicas.
+    pub(crate) states: Replicas,
+    /// Binary frames from the gateway that did not decode.
+    bad_frames: AtomicU64,
 }
 
 impl Shared {
@@ -89,6 +94,19 @@ impl Shared {
         }
     }
 
+    /// Logs and counts a binary frame from the gateway that did not decode.
+    pub(crate) fn bad_frame(&self, error: String) {
+        let count = self.bad_frames.fetch_add(1, Ordering::Relaxed) + 1;
+        warn!(%error, count, "dropping a binary frame from the gateway that does not decode");
+        self.emit(AgentEvent::BadFrame { error });
+    }
+
+    /// Asks the gateway for the connection's wire mode (`protocol.get_info`).
+    pub(crate) async fn protocol_info(&self) -> Result<Value, AgentError> {
+        let session = self.current_session().ok_or(AgentError::NotConnected)?;
+        session.request("protocol.get_info", json!({})).await
+    }
+
     fn load(&self) -> f64 {
         self.tasks.len() as f64 / f64::from(self.opts.max_concurrent_tasks.max(1))
     }
@@ -114,8 +132,31 @@ impl Agent {
                 config: watch::Sender::new(config),
                 stopped: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                states: Replicas::new(),
+                bad_frames: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// A cloneable handle that keeps working while [`run`](Agent::run) owns
+    /// the agent: events, shared state, the gateway's protocol info.
+    pub fn handle(&self) -> AgentHandle {
+        AgentHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// A handle to the shared CRDT document `doc` (1–128 of
+    /// `A–Z a–z 0–9 . _ : -`); see [`StateHandle`].
+    pub fn state(&self, doc: &str) -> StateHandle {
+        StateHandle::new(self.shared.clone(), doc)
+    }
+
+    /// The gateway's `protocol.get_info` for the current connection (mode,
+    /// compression, checksum, limits, frame counters). Needs a registered
+    /// connection, so call it on a [`handle`](Agent::handle) once `run` runs.
+    pub async fn protocol_info(&self) -> Result<Value, AgentError> {
+        self.shared.protocol_info().await
     }
 
     /// The agent's options.
@@ -174,10 +215,10 @@ impl Agent {
                 () = shutdown.cancelled() => return Ok(()),
             };
             match attempt {
-                Ok((ws, reply)) => {
+                Ok((link, reply)) => {
                     backoff.reset();
                     let reason =
-                        Connection::serve(&self.shared, handler, shutdown, ws, reply).await;
+                        Connection::serve(&self.shared, handler, shutdown, link, reply).await;
                     if !shutdown.is_cancelled() {
                         warn!(%reason, "disconnected from the gateway; reconnecting");
                     }
@@ -202,14 +243,63 @@ impl Agent {
         }
     }
 
-    async fn connect_and_register(&self) -> Result<(Ws, RegisterReply), AgentError> {
-        let mut ws = self.connect().await?;
+    async fn connect_and_register(&self) -> Result<(Link, RegisterReply), AgentError> {
+        let (ws, binary) = self.connect().await?;
         self.shared.emit(AgentEvent::Connected);
-        let reply = self.register(&mut ws).await?;
-        Ok((ws, reply))
+        let mut link = Link::start(ws, &self.shared.opts, binary);
+        self.negotiate(&mut link).await?;
+        let reply = self.register(&mut link).await?;
+        Ok((link, reply))
     }
 
-    async fn connect(&self) -> Result<Ws, AgentError> {
+    /// Upgrades to a WebSocket; true when the gateway accepted the binary
+    /// subprotocol. A gateway that answers the offer without a subprotocol
+    /// (tungstenite then fails the handshake) is connected to again without
+    /// the offer, and asked with `protocol.set_binary` instead.
+    async fn connect(&self) -> Result<(Ws, bool), AgentError> {
+        let opts = &self.shared.opts;
+        let mut offer = matches!(
+            &opts.binary,
+            Some(BinaryOptions {
+                negotiate: Negotiation::Subprotocol,
+                ..
+            })
+        );
+        loop {
+            let request = self.upgrade_request(offer)?;
+            let handshake = tokio_tungstenite::connect_async_with_config(request, None, true);
+            match tokio::time::timeout(opts.request_timeout, handshake).await {
+                Ok(Ok((ws, response))) => {
+                    let echoed = response
+                        .headers()
+                        .get("sec-websocket-protocol")
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.trim() == frame::SUBPROTOCOL);
+                    return Ok((ws, offer && echoed));
+                }
+                Ok(Err(tungstenite::Error::Protocol(
+                    ProtocolError::SecWebSocketSubProtocolError(err),
+                ))) if offer => {
+                    info!(error = %err, "the gateway did not take the {} subprotocol; connecting in text to ask with protocol.set_binary", frame::SUBPROTOCOL);
+                    offer = false;
+                }
+                Ok(Err(err)) => return Err(handshake_error(err, &opts.url)),
+                Err(_) => {
+                    return Err(AgentError::Connection(format!(
+                        "no WebSocket handshake with {} within {:?}",
+                        opts.url, opts.request_timeout
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The upgrade request with the agent's headers, offering the binary
+    /// subprotocol if `offer`.
+    fn upgrade_request(
+        &self,
+        offer: bool,
+    ) -> Result<tungstenite::handshake::client::Request, AgentError> {
         let opts = &self.shared.opts;
         let mut request = opts
             .url
@@ -236,19 +326,79 @@ impl Agent {
             })?;
             headers.insert(name, value);
         }
-        let handshake = tokio_tungstenite::connect_async_with_config(request, None, true);
-        match tokio::time::timeout(opts.request_timeout, handshake).await {
-            Ok(Ok((ws, _response))) => Ok(ws),
-            Ok(Err(err)) => Err(handshake_error(err, &opts.url)),
-            Err(_) => Err(AgentError::Connection(format!(
-                "no WebSocket handshake with {} within {:?}",
-                opts.url, opts.request_timeout
-            ))),
+        if offer {
+            headers.insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_static(frame::SUBPROTOCOL),
+            );
+        }
+        Ok(request)
+    }
+
+    /// Sets the connection's wire mode before registration and announces it
+    /// with [`AgentEvent::ProtocolMode`]. Binary after a subprotocol upgrade
+    /// (aligning the gateway's compression and checksum with the agent's if
+    /// they differ from its defaults), or by `protocol.set_binary`. A
+    /// gateway that refuses `protocol.set_binary` leaves the connection as
+    /// it was; only a lost connection or a timeout fails.
+    async fn negotiate(&self, link: &mut Link) -> Result<(), AgentError> {
+        let Some(binary) = &self.shared.opts.binary else {
+            self.shared.emit(AgentEvent::ProtocolMode {
+                binary: false,
+                compression: false,
+                checksum: false,
+            });
+            return Ok(());
+        };
+        let answer = if link.is_binary() && binary.matches_gateway_defaults() {
+            None
+        } else {
+            self.set_binary(link, binary).await?
+        };
+        let (compression, checksum) = gateway_mode(answer.as_ref());
+        let binary = link.is_binary();
+        let mode = AgentEvent::ProtocolMode {
+            binary,
+            compression: binary && compression,
+            checksum: binary && checksum,
+        };
+        info!(?mode, "wire mode set");
+        self.shared.emit(mode);
+        Ok(())
+    }
+
+    /// Sends `protocol.set_binary` with the agent's preferences; the writer
+    /// switches to binary when the answer arrives. Returns the answer, or
+    /// `None` when the gateway refused.
+    async fn set_binary(
+        &self,
+        link: &mut Link,
+        binary: &BinaryOptions,
+    ) -> Result<Option<Value>, AgentError> {
+        let switch = link.mode_switch(true);
+        let hook: AnswerHook = Box::new(move |answer| {
+            if let Ok(answer) = answer
+                && answer.get("mode").and_then(Value::as_str) != Some("text")
+            {
+                switch();
+            }
+        });
+        let params = set_binary_params(binary);
+        match link
+            .call(&self.shared, "protocol.set_binary", params, Some(hook))
+            .await
+        {
+            Ok(answer) => Ok(Some(answer)),
+            Err(err @ AgentError::Rpc { .. }) => {
+                warn!(error = %err, "the gateway refused protocol.set_binary; keeping the connection's mode");
+                Ok(None)
+            }
+            Err(err) => Err(err),
         }
     }
 
-    /// Sends `agent.register` as request 1 and waits for its answer.
-    async fn register(&self, ws: &mut Ws) -> Result<RegisterReply, AgentError> {
+    /// Sends `agent.register` and waits for its answer.
+    async fn register(&self, link: &mut Link) -> Result<RegisterReply, AgentError> {
         let opts = &self.shared.opts;
         let mut params = Map::new();
         params.insert("id".into(), json!(opts.id));
@@ -273,45 +423,11 @@ impl Agent {
         }
         params.insert("active_tasks".into(), json!(active));
 
-        ws.send(request_frame(1, "agent.register", Value::Object(params)))
-            .await
-            .map_err(|e| AgentError::Connection(format!("sending agent.register: {e}")))?;
-        let deadline = Instant::now() + opts.request_timeout;
-        loop {
-            let frame = tokio::time::timeout_at(deadline, ws.next())
-                .await
-                .map_err(|_| AgentError::Timeout {
-                    method: "agent.register".into(),
-                    timeout: opts.request_timeout,
-                })?;
-            let text = match frame {
-                Some(Ok(Message::Text(text))) => text,
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(AgentError::Connection(format!(
-                        "closed during registration: {}",
-                        describe_close(frame.as_ref())
-                    )));
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(err)) => return Err(AgentError::Connection(err.to_string())),
-                None => return Err(AgentError::Closed),
-            };
-            let Ok(message) = serde_json::from_str::<Value>(text.as_str()) else {
-                warn!("ignoring a frame that is not JSON while registering");
-                continue;
-            };
-            if message.get("id") != Some(&json!(1)) || message.get("method").is_some() {
-                debug!("ignoring a message that arrived before the register answer");
-                continue;
-            }
-            if let Some(error) = message.get("error") {
-                return Err(AgentError::from_rpc_error(error));
-            }
-            let result = message.get("result").cloned().unwrap_or(Value::Null);
-            return serde_json::from_value(result).map_err(|e| {
-                AgentError::Protocol(format!("malformed agent.register answer: {e}"))
-            });
-        }
+        let result = link
+            .call(&self.shared, "agent.register", Value::Object(params), None)
+            .await?;
+        serde_json::from_value(result)
+            .map_err(|e| AgentError::Protocol(format!("malformed agent.register answer: {e}")))
     }
 
     /// Stops whatever still runs and waits (briefly) for it to end.
@@ -328,6 +444,67 @@ impl Agent {
             warn!("background tasks still running after {STOP_WAIT:?}; leaving them");
         }
     }
+}
+
+/// A cloneable line to an agent while [`Agent::run`] owns it, from
+/// [`Agent::handle`].
+#[derive(Clone)]
+pub struct AgentHandle {
+    shared: Arc<Shared>,
+}
+
+impl AgentHandle {
+    /// A receiver of what happens from now on; see [`Agent::events`].
+    pub fn events(&self) -> broadcast::Receiver<AgentEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// A handle to the shared CRDT document `doc`; see [`StateHandle`].
+    pub fn state(&self, doc: &str) -> StateHandle {
+        StateHandle::new(self.shared.clone(), doc)
+    }
+
+    /// The gateway's `protocol.get_info` for the current connection; fails
+    /// with [`AgentError::NotConnected`] while there is no registered one.
+    pub async fn protocol_info(&self) -> Result<Value, AgentError> {
+        self.shared.protocol_info().await
+    }
+
+    /// How many binary frames from the gateway did not decode (and were
+    /// dropped), over all connections.
+    pub fn bad_frames(&self) -> u64 {
+        self.shared.bad_frames.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for AgentHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentHandle")
+            .field("id", &self.shared.opts.id)
+            .finish()
+    }
+}
+
+/// The gateway's (compression, checksum) as a `protocol.set_binary` answer
+/// reports them; without an answer its defaults hold (both on).
+fn gateway_mode(answer: Option<&Value>) -> (bool, bool) {
+    let field = |pointer: &str| answer.and_then(|a| a.pointer(pointer)?.as_bool());
+    (
+        field("/compression/enabled").unwrap_or(true),
+        field("/checksum").unwrap_or(true),
+    )
+}
+
+/// `protocol.set_binary`'s params for the agent's preferences.
+fn set_binary_params(binary: &BinaryOptions) -> Value {
+    let threshold = binary
+        .compress_threshold
+        .map_or(1024, |t| u32::try_from(t).unwrap_or(u32::MAX));
+    json!({
+        "enabled": true,
+        "compression": {"enabled": binary.compress_threshold.is_some(), "threshold": threshold},
+        "checksum": binary.checksum,
+    })
 }
 
 /// The `agent.register` answer, as far as the agent uses it.
@@ -380,7 +557,8 @@ fn refusal_event(err: &AgentError) -> Option<AgentEvent> {
     }
 }
 
-fn describe_close(frame: Option<&CloseFrame>) -> String {
+/// A close frame in words: its code, what the code means, its reason.
+pub(crate) fn describe_close(frame: Option<&CloseFrame>) -> String {
     let Some(frame) = frame else {
         return "closed without a close code".to_string();
     };
@@ -422,14 +600,17 @@ impl<'a, H: TaskHandler> Connection<'a, H> {
         shared: &'a Arc<Shared>,
         handler: &'a Arc<H>,
         shutdown: &CancellationToken,
-        ws: Ws,
+        link: Link,
         reply: RegisterReply,
     ) -> String {
-        let (sink, mut stream) = ws.split();
-        let (out_tx, out_rx) = mpsc::channel(OUTGOING_CAPACITY);
-        let writer = tokio::spawn(write_frames(sink, out_rx));
-        // Request 1 was agent.register.
-        let session = Arc::new(Session::new(out_tx, 2, shared.opts.request_timeout));
+        let Link {
+            session,
+            mut stream,
+            writer,
+            limits,
+            early,
+            ..
+        } = link;
         let mut connection = Connection {
             shared,
             handler,
@@ -437,15 +618,20 @@ impl<'a, H: TaskHandler> Connection<'a, H> {
             shutting_down: false,
         };
         let heartbeat = connection.apply_registration(reply);
+        for message in early {
+            connection.on_message(message).await;
+        }
 
-        let end = connection.dispatch(&mut stream, shutdown, heartbeat).await;
+        let end = connection
+            .dispatch(&mut stream, &limits, shutdown, heartbeat)
+            .await;
         match end {
             End::Shutdown => {
                 let close = CloseFrame {
                     code: CloseCode::Normal,
                     reason: "agent shutting down".into(),
                 };
-                let _ = session.send(Message::Close(Some(close))).await;
+                let _ = session.send(Outgoing::Close(close)).await;
                 session.close();
                 shared.sessions.send_replace(None);
                 // Up to the gateway's close reply; the gateway then ends the TCP connection.
@@ -489,6 +675,7 @@ impl<'a, H: TaskHandler> Connection<'a, H> {
         }
         shared.sessions.send_replace(Some(self.session.clone()));
         info!(session_id = %reply.session_id, "registered with the gateway");
+        state::resubscribe_all(shared, &self.session);
         shared.emit(AgentEvent::Registered {
             session_id: reply.session_id,
             config_version: reply.config_version.unwrap_or(0),
@@ -505,6 +692,7 @@ impl<'a, H: TaskHandler> Connection<'a, H> {
     async fn dispatch(
         &mut self,
         stream: &mut SplitStream<Ws>,
+        limits: &Limits,
         shutdown: &CancellationToken,
         heartbeat_every: Duration,
     ) -> End {
@@ -539,10 +727,19 @@ impl<'a, H: TaskHandler> Connection<'a, H> {
                 // Wakes the loop so an emptied table ends the shutdown.
                 _ = held.changed() => {}
                 frame = stream.next() => match frame {
-                    Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
-                    Some(Ok(Message::Close(frame))) => return End::Lost(describe_close(frame.as_ref())),
-                    // Pings are answered by tungstenite on the next read.
-                    Some(Ok(_)) => {}
+                    Some(Ok(message)) => match wire::read(message, limits) {
+                        Inbound::Messages(messages) => {
+                            for message in messages {
+                                self.on_message(message).await;
+                            }
+                        }
+                        Inbound::Ping { sequence, payload } => {
+                            let _ = self.session.send(Outgoing::Pong { sequence, payload }).await;
+                        }
+                        Inbound::Close(frame) => return End::Lost(describe_close(frame.as_ref())),
+                        Inbound::Bad(error) => shared.bad_frame(error),
+                        Inbound::Nothing => {}
+                    },
                     Some(Err(err)) => return End::Lost(format!("connection error: {err}")),
                     None => return End::Lost("the connection ended".to_string()),
                 },
@@ -555,34 +752,22 @@ impl<'a, H: TaskHandler> Connection<'a, H> {
         }
     }
 
-    async fn on_text(&mut self, text: &str) {
-        let message: Value = match serde_json::from_str(text) {
-            Ok(message) => message,
-            Err(err) => {
-                warn!(error = %err, "ignoring a frame from the gateway that is not JSON");
-                return;
+    async fn on_message(&mut self, message: Value) {
+        if wire::resolve_answer(&self.session, &message) {
+            return;
+        }
+        let Some(method) = message.get("method").and_then(Value::as_str) else {
+            match message.get("error") {
+                // Such as 4009 for a binary frame the gateway could not read.
+                Some(error) => warn!(%error, "the gateway reported an error about no request"),
+                None => warn!("ignoring a message with neither method nor id"),
             }
+            return;
         };
-        let id = message.get("id").filter(|id| !id.is_null());
-        match (message.get("method").and_then(Value::as_str), id) {
-            (Some(method), Some(id)) => {
-                let params = message.get("params").cloned().unwrap_or(Value::Null);
-                self.on_request(method, id, params).await;
-            }
-            (Some(method), None) => {
-                let params = message.get("params").cloned().unwrap_or(Value::Null);
-                self.on_notification(method, params).await;
-            }
-            (None, Some(id)) => {
-                let answer = match message.get("error") {
-                    Some(error) => Err(AgentError::from_rpc_error(error)),
-                    None => Ok(message.get("result").cloned().unwrap_or(Value::Null)),
-                };
-                if !self.session.resolve(id, answer) {
-                    debug!(%id, "ignoring an answer to no waiting request");
-                }
-            }
-            (None, None) => warn!("ignoring a message with neither method nor id"),
+        let params = message.get("params").cloned().unwrap_or(Value::Null);
+        match message.get("id").filter(|id| !id.is_null()) {
+            Some(id) => self.on_request(method, id, params).await,
+            None => self.on_notification(method, params).await,
         }
     }
 
@@ -641,6 +826,7 @@ impl<'a, H: TaskHandler> Connection<'a, H> {
                 info!(version, "configuration updated by the gateway");
                 shared.emit(AgentEvent::ConfigUpdated { version, config });
             }
+            "state.delta" => state::on_delta(shared, &self.session, &params),
             other => debug!(method = other, "ignoring an unknown notification"),
         }
     }
@@ -712,21 +898,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// The writer: sends queued frames in order until the queue closes, a send
-/// fails, or a close frame went out.
-async fn write_frames(mut sink: SplitSink<Ws, Message>, mut queue: mpsc::Receiver<Message>) {
-    while let Some(message) = queue.recv().await {
-        let closing = matches!(message, Message::Close(_));
-        if let Err(err) = sink.send(message).await {
-            debug!(error = %err, "writing to the gateway failed");
-            return;
-        }
-        if closing {
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -762,6 +933,35 @@ mod tests {
             })
         );
         assert_eq!(refusal_event(&AgentError::Closed), None);
+    }
+
+    #[test]
+    fn set_binary_asks_for_the_agents_preferences() {
+        let binary = BinaryOptions {
+            compress_threshold: None,
+            checksum: false,
+            ..BinaryOptions::new(Negotiation::Runtime)
+        };
+        assert_eq!(
+            set_binary_params(&binary),
+            json!({"enabled": true, "compression": {"enabled": false, "threshold": 1024}, "checksum": false})
+        );
+        let binary = BinaryOptions {
+            compress_threshold: Some(64),
+            ..binary
+        };
+        assert_eq!(
+            set_binary_params(&binary)["compression"],
+            json!({"enabled": true, "threshold": 64})
+        );
+    }
+
+    #[test]
+    fn mode_comes_from_the_answer_or_the_gateways_defaults() {
+        assert_eq!(gateway_mode(None), (true, true));
+        let answer =
+            json!({"mode": "binary", "compression": {"enabled": false}, "checksum": false});
+        assert_eq!(gateway_mode(Some(&answer)), (false, false));
     }
 
     #[test]

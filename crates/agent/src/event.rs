@@ -61,6 +61,46 @@ pub enum AgentEvent {
         /// Why, in words.
         reason: String,
     },
+    /// The connection's wire mode was set (on every connection, before
+    /// registration): binary frames or JSON text, and for binary whether
+    /// the gateway compresses and checksums (aligned with the agent's own
+    /// [`BinaryOptions`](crate::BinaryOptions)).
+    ProtocolMode {
+        /// Whether the agent sends binary frames.
+        binary: bool,
+        /// Whether payloads above the threshold are compressed.
+        compression: bool,
+        /// Whether frames carry a CRC32 checksum.
+        checksum: bool,
+    },
+    /// A binary frame from the gateway did not decode and was dropped.
+    BadFrame {
+        /// Why, as the frame codec says.
+        error: String,
+    },
+    /// A subscribed document's replica was (re)started from the gateway's
+    /// snapshot: at `subscribe` and after every registration.
+    StateSubscribed {
+        /// The document.
+        doc: String,
+        /// The replica's hash.
+        hash: String,
+    },
+    /// A delta pushed by the gateway was merged into a replica.
+    StateChanged {
+        /// The document.
+        doc: String,
+        /// The replica's hash after the merge.
+        hash: String,
+    },
+    /// A replica was replaced by the whole document (`state.sync`), after
+    /// its hash differed from the gateway's or on request.
+    StateResynced {
+        /// The document.
+        doc: String,
+        /// The replica's hash.
+        hash: String,
+    },
     /// The gateway refused the connection or the registration.
     Refused {
         /// The HTTP status, when the upgrade was refused.

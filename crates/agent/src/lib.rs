@@ -40,10 +40,17 @@
 //! # }
 //! ```
 //!
+//! Besides tasks, an agent can use the binary frame protocol
+//! ([`AgentOptions::binary`]) and the tenant's shared CRDT documents
+//! ([`Agent::state`], [`TaskContext::state`]), keeping local replicas of the
+//! subscribed ones.
+//!
 //! Architecture invariant: the SDK holds one connection at a time, owned by
 //! one task (the reader and dispatcher) plus one writer task fed by a bounded
-//! channel. Handlers never touch the socket; they talk to the gateway through
-//! [`TaskContext`], which always uses whichever connection is current.
+//! channel; the writer alone encodes (text or binary frames, per the
+//! connection's mode). Handlers never touch the socket; they talk to the
+//! gateway through [`TaskContext`], which always uses whichever connection is
+//! current.
 
 #![warn(missing_docs)]
 
@@ -54,13 +61,16 @@ mod error;
 mod event;
 mod options;
 mod rpc;
+mod state;
 mod table;
 mod task;
+mod wire;
 
-pub use agent::Agent;
+pub use agent::{Agent, AgentHandle};
 pub use error::{AgentError, codes};
 pub use event::AgentEvent;
-pub use options::{AgentOptions, Capability};
+pub use options::{AgentOptions, BinaryOptions, Capability, Negotiation};
+pub use state::{ApplyOutcome, StateHandle, StateView};
 pub use task::{Task, TaskContext, TaskFailure, TaskHandler, TaskResult};
 
 /// The cancellation token type the SDK uses for shutdown and task

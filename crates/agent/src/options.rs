@@ -1,5 +1,6 @@
-//! What an agent is and how it connects: [`AgentOptions`] and the
-//! [`Capability`] entries it registers with.
+//! What an agent is and how it connects: [`AgentOptions`], the
+//! [`Capability`] entries it registers with, and the [`BinaryOptions`] of
+//! the binary frame protocol.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -48,13 +49,16 @@ pub struct AgentOptions {
     pub shutdown_grace: Duration,
     /// How long a request to the gateway (and the handshake) may take.
     pub request_timeout: Duration,
+    /// Binary frames (`mcpw.v1`) instead of JSON text frames; `None` (the
+    /// default) stays in text. Negotiated anew on every connection.
+    pub binary: Option<BinaryOptions>,
 }
 
 impl AgentOptions {
     /// Options with the defaults: name = id, no version, no capabilities
     /// (add at least one), 4 concurrent tasks, empty config and metadata,
-    /// reconnect delays from 500 ms up to 30 s, 30 s shutdown grace and a
-    /// 30 s request timeout.
+    /// reconnect delays from 500 ms up to 30 s, 30 s shutdown grace, a
+    /// 30 s request timeout and text frames.
     pub fn new(
         url: impl Into<String>,
         key: impl Into<String>,
@@ -77,6 +81,7 @@ impl AgentOptions {
             reconnect_max: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
+            binary: None,
         }
     }
 
@@ -159,6 +164,9 @@ impl AgentOptions {
         if self.request_timeout.is_zero() {
             return invalid("request_timeout must be above zero".to_string());
         }
+        if let Some(binary) = &self.binary {
+            binary.validate()?;
+        }
         Ok(())
     }
 }
@@ -188,9 +196,87 @@ impl fmt::Debug for AgentOptions {
             .field("reconnect_max", &self.reconnect_max)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("request_timeout", &self.request_timeout)
+            .field("binary", &self.binary)
             .finish()
     }
 }
+
+/// How the agent asks for binary frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Negotiation {
+    /// Offer the WebSocket subprotocol `mcpw.v1` at the upgrade and send
+    /// binary from the first message when the gateway accepts it. A gateway
+    /// that does not accept it is asked at run time instead.
+    Subprotocol,
+    /// Connect in text and send `protocol.set_binary` before
+    /// `agent.register`; binary from the answer on.
+    Runtime,
+}
+
+/// The binary frame protocol's settings (`docs/agent-protocol.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinaryOptions {
+    /// How binary mode is asked for.
+    pub negotiate: Negotiation,
+    /// Payloads of at least this many bytes are gzip-compressed; `None`
+    /// compresses nothing. The gateway is asked to do the same.
+    pub compress_threshold: Option<usize>,
+    /// Whether frames carry a CRC32 of their payload, both ways.
+    pub checksum: bool,
+    /// The largest payload accepted in a frame from the gateway, in bytes.
+    pub max_payload: usize,
+    /// The largest payload accepted after decompression, in bytes.
+    pub max_decompressed: usize,
+}
+
+impl BinaryOptions {
+    /// The gateway's own defaults: compression from 1024 bytes, checksums
+    /// on, 1 MiB payloads (10 MiB decompressed), negotiated by `negotiate`.
+    pub fn new(negotiate: Negotiation) -> Self {
+        Self {
+            negotiate,
+            compress_threshold: Some(DEFAULT_COMPRESS_THRESHOLD),
+            checksum: true,
+            max_payload: 1024 * 1024,
+            max_decompressed: 10 * 1024 * 1024,
+        }
+    }
+
+    /// Whether the gateway's defaults (compression from 1024 bytes,
+    /// checksums on) already match these settings, so nothing needs aligning
+    /// after a subprotocol upgrade.
+    pub(crate) fn matches_gateway_defaults(&self) -> bool {
+        self.compress_threshold == Some(DEFAULT_COMPRESS_THRESHOLD) && self.checksum
+    }
+
+    fn validate(&self) -> Result<(), AgentError> {
+        if self.max_payload == 0 || self.max_decompressed < self.max_payload {
+            return Err(AgentError::InvalidOptions(format!(
+                "binary.max_payload {} must be above zero and at most binary.max_decompressed {}",
+                self.max_payload, self.max_decompressed
+            )));
+        }
+        if self
+            .compress_threshold
+            .is_some_and(|t| u32::try_from(t).is_err())
+        {
+            return Err(AgentError::InvalidOptions(
+                "binary.compress_threshold must fit in 32 bits".to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for BinaryOptions {
+    /// Subprotocol negotiation with the gateway's defaults.
+    fn default() -> Self {
+        Self::new(Negotiation::Subprotocol)
+    }
+}
+
+/// The gateway's default compression threshold, in bytes.
+const DEFAULT_COMPRESS_THRESHOLD: usize = 1024;
 
 /// The `X-Agent-ID` rule: 1–128 of `A–Z a–z 0–9 . _ : -`, starting with a
 /// letter or digit.
@@ -430,6 +516,15 @@ mod tests {
                 "reconnect_max",
                 Box::new(|o| o.reconnect_max = Duration::from_millis(1)),
             ),
+            (
+                "binary.max_payload",
+                Box::new(|o| {
+                    o.binary = Some(BinaryOptions {
+                        max_payload: 0,
+                        ..BinaryOptions::default()
+                    })
+                }),
+            ),
         ];
         for (expected, change) in cases {
             let mut opts = valid();
@@ -441,6 +536,20 @@ mod tests {
                 .unwrap_or_default();
             assert!(err.contains(expected), "expected {expected:?} in {err:?}");
         }
+    }
+
+    #[test]
+    fn binary_defaults_match_the_gateway() {
+        let binary = BinaryOptions::new(Negotiation::Runtime);
+        assert!(binary.matches_gateway_defaults());
+        let quiet = BinaryOptions {
+            compress_threshold: None,
+            ..binary.clone()
+        };
+        assert!(!quiet.matches_gateway_defaults());
+        let mut opts = valid();
+        opts.binary = Some(binary);
+        assert!(opts.validate().is_ok());
     }
 
     #[test]

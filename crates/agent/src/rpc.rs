@@ -1,5 +1,6 @@
-//! JSON-RPC over one WebSocket connection: frames, and the `Session` that
-//! numbers the agent's requests and matches the gateway's answers to them.
+//! JSON-RPC over one WebSocket connection: the messages the agent queues
+//! for the writer, and the `Session` that numbers the agent's requests and
+//! matches the gateway's answers to them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -8,18 +9,43 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::CancellationToken;
 
 use crate::AgentError;
 
-type Waiter = oneshot::Sender<Result<Value, AgentError>>;
+/// What the agent queues for the connection's writer, which sends it in the
+/// connection's current mode (text or binary frames).
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// One serialized JSON-RPC message.
+    Json(String),
+    /// A binary pong frame answering the gateway's ping frame `sequence`.
+    Pong {
+        /// The ping's sequence id, echoed.
+        sequence: u64,
+        /// The ping's payload, echoed.
+        payload: Vec<u8>,
+    },
+    /// A close frame; the writer stops after it.
+    Close(CloseFrame),
+}
+
+/// Runs on the reader's task when the answer arrives, before any later
+/// message from the gateway is handled, so state kept beside the connection
+/// (the mode, CRDT replicas) follows the gateway's order of events.
+pub(crate) type AnswerHook = Box<dyn FnOnce(&Result<Value, AgentError>) + Send>;
+
+struct Waiter {
+    answer: oneshot::Sender<Result<Value, AgentError>>,
+    hook: Option<AnswerHook>,
+}
 
 /// The agent's half of one registered connection. Requests go out through
 /// the writer's channel; the reader calls [`Session::resolve`] with answers.
 /// Closing it fails every request still waiting with [`AgentError::Closed`].
 pub(crate) struct Session {
-    out: mpsc::Sender<Message>,
+    out: mpsc::Sender<Outgoing>,
     /// `None` once closed, so no waiter can be added that nobody resolves.
     pending: Mutex<Option<HashMap<u64, Waiter>>>,
     next_id: AtomicU64,
@@ -29,7 +55,7 @@ pub(crate) struct Session {
 
 impl Session {
     /// A session whose first request gets `first_id`.
-    pub(crate) fn new(out: mpsc::Sender<Message>, first_id: u64, timeout: Duration) -> Self {
+    pub(crate) fn new(out: mpsc::Sender<Outgoing>, first_id: u64, timeout: Duration) -> Self {
         Self {
             out,
             pending: Mutex::new(Some(HashMap::new())),
@@ -41,10 +67,22 @@ impl Session {
 
     /// Sends a request and waits for its answer (at most the timeout).
     pub(crate) async fn request(&self, method: &str, params: Value) -> Result<Value, AgentError> {
+        self.request_with(method, params, None).await
+    }
+
+    /// Sends a request and waits for its answer; `hook` sees the answer on
+    /// the reader's task first. A request that times out or whose connection
+    /// closes never runs its hook.
+    pub(crate) async fn request_with(
+        &self,
+        method: &str,
+        params: Value,
+        hook: Option<AnswerHook>,
+    ) -> Result<Value, AgentError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         match self.lock_pending().as_mut() {
-            Some(pending) => pending.insert(id, tx),
+            Some(pending) => pending.insert(id, Waiter { answer: tx, hook }),
             None => return Err(AgentError::Closed),
         };
         if self
@@ -74,8 +112,8 @@ impl Session {
         self.send(notification_frame(method, params)).await
     }
 
-    /// Sends a ready frame (an answer to the gateway's request, a close).
-    pub(crate) async fn send(&self, message: Message) -> Result<(), AgentError> {
+    /// Sends a ready message (an answer to the gateway's request, a close).
+    pub(crate) async fn send(&self, message: Outgoing) -> Result<(), AgentError> {
         self.out.send(message).await.map_err(|_| AgentError::Closed)
     }
 
@@ -87,9 +125,12 @@ impl Session {
         };
         let waiter = self.lock_pending().as_mut().and_then(|p| p.remove(&id));
         match waiter {
-            Some(waiter) => {
+            Some(Waiter { answer: tx, hook }) => {
+                if let Some(hook) = hook {
+                    hook(&answer);
+                }
                 // The requester may have given up; nothing to do then.
-                let _ = waiter.send(answer);
+                let _ = tx.send(answer);
                 true
             }
             None => false,
@@ -128,41 +169,41 @@ impl Session {
     }
 }
 
-/// A request frame.
-pub(crate) fn request_frame(id: u64, method: &str, params: Value) -> Message {
-    text(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+/// A request.
+pub(crate) fn request_frame(id: u64, method: &str, params: Value) -> Outgoing {
+    json_message(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
 }
 
-/// A notification frame.
-pub(crate) fn notification_frame(method: &str, params: Value) -> Message {
-    text(json!({"jsonrpc": "2.0", "method": method, "params": params}))
+/// A notification.
+pub(crate) fn notification_frame(method: &str, params: Value) -> Outgoing {
+    json_message(json!({"jsonrpc": "2.0", "method": method, "params": params}))
 }
 
 /// A success answer to the gateway's request `id`.
-pub(crate) fn result_frame(id: &Value, result: Value) -> Message {
-    text(json!({"jsonrpc": "2.0", "id": id, "result": result}))
+pub(crate) fn result_frame(id: &Value, result: Value) -> Outgoing {
+    json_message(json!({"jsonrpc": "2.0", "id": id, "result": result}))
 }
 
 /// An error answer to the gateway's request `id`.
-pub(crate) fn error_frame(id: &Value, code: i64, message: &str, data: Value) -> Message {
-    text(json!({
+pub(crate) fn error_frame(id: &Value, code: i64, message: &str, data: Value) -> Outgoing {
+    json_message(json!({
         "jsonrpc": "2.0", "id": id,
         "error": {"code": code, "message": message, "data": data},
     }))
 }
 
-fn text(value: Value) -> Message {
-    Message::text(value.to_string())
+fn json_message(value: Value) -> Outgoing {
+    Outgoing::Json(value.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn frame_json(message: Option<Message>) -> Value {
+    fn frame_json(message: Option<Outgoing>) -> Value {
         match message {
-            Some(Message::Text(text)) => serde_json::from_str(text.as_str()).unwrap_or_default(),
-            other => panic!("expected a text frame, got {other:?}"),
+            Some(Outgoing::Json(text)) => serde_json::from_str(&text).unwrap_or_default(),
+            other => panic!("expected a JSON message, got {other:?}"),
         }
     }
 
@@ -199,6 +240,26 @@ mod tests {
             session.request("b", json!({})).await,
             Err(AgentError::Closed)
         ));
+    }
+
+    #[tokio::test]
+    async fn answer_hook_runs_before_the_requester_wakes() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let session = std::sync::Arc::new(Session::new(tx, 1, Duration::from_secs(5)));
+        let seen = std::sync::Arc::new(Mutex::new(None));
+        let hook_seen = seen.clone();
+        let hook: AnswerHook = Box::new(move |answer| {
+            *hook_seen.lock().unwrap_or_else(|p| p.into_inner()) = answer.as_ref().ok().cloned();
+        });
+        let s = session.clone();
+        let waiting = tokio::spawn(async move { s.request_with("a", json!({}), Some(hook)).await });
+        let _ = rx.recv().await;
+        assert!(session.resolve(&json!(1), Ok(json!("one"))));
+        assert_eq!(
+            *seen.lock().unwrap_or_else(|p| p.into_inner()),
+            Some(json!("one"))
+        );
+        assert_eq!(waiting.await.ok().and_then(Result::ok), Some(json!("one")));
     }
 
     #[tokio::test]

@@ -9,8 +9,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::AgentError;
 use crate::agent::Shared;
+use crate::{AgentError, StateHandle};
 
 /// A task assigned to this agent (`task.assigned`'s `params.task`). Unknown
 /// fields are ignored and missing or null optional ones take defaults, so a
@@ -155,6 +155,18 @@ impl TaskContext {
     /// registration or by `config.update`).
     pub fn config(&self) -> Value {
         self.shared.config.borrow().clone()
+    }
+
+    /// A handle to the tenant's shared CRDT document `doc`; see
+    /// [`StateHandle`].
+    pub fn state(&self, doc: &str) -> StateHandle {
+        StateHandle::new(self.shared.clone(), doc)
+    }
+
+    /// The gateway's `protocol.get_info` for the current connection (mode,
+    /// compression, checksum, limits, frame counters).
+    pub async fn protocol_info(&self) -> Result<Value, AgentError> {
+        self.shared.protocol_info().await
     }
 
     /// Reports progress: `fraction` in 0..=1 (values outside are clamped,

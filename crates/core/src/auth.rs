@@ -308,44 +308,10 @@ pub fn display_prefix(key: &str) -> String {
 /// SHA-256 of the canonical JSON of tool arguments (object keys sorted), hex:
 /// what the audit log records instead of the arguments themselves.
 pub fn arguments_hash(arguments: Option<&serde_json::Map<String, serde_json::Value>>) -> String {
-    use serde_json::{Map, Value};
-    fn object(m: &Map<String, Value>, out: &mut String) {
-        // Sorted explicitly: serde_json keeps insertion order when any crate
-        // in the build enables its `preserve_order` feature.
-        let mut keys: Vec<&String> = m.keys().collect();
-        keys.sort();
-        out.push('{');
-        for (i, k) in keys.into_iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(&Value::String(k.clone()).to_string());
-            out.push(':');
-            canonical(&m[k], out);
-        }
-        out.push('}');
-    }
-    fn canonical(v: &Value, out: &mut String) {
-        match v {
-            Value::Object(m) => object(m, out),
-            Value::Array(a) => {
-                out.push('[');
-                for (i, x) in a.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    canonical(x, out);
-                }
-                out.push(']');
-            }
-            other => out.push_str(&other.to_string()),
-        }
-    }
-    let mut s = String::new();
-    match arguments {
-        Some(m) => object(m, &mut s),
-        None => s.push_str("null"),
-    }
+    let s = match arguments {
+        Some(m) => crate::crdt::canonical_json(&serde_json::Value::Object(m.clone())),
+        None => "null".to_owned(),
+    };
     hash_secret(&s)
 }
 

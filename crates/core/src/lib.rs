@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod catalog;
 pub mod config;
+pub mod crdt;
 pub mod mesh;
 pub mod ratelimit;
 

@@ -7,6 +7,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshgate_core::{Config, LogFormat};
 
+mod frame_cmd;
+
 /// MCP gateway and agent mesh in one binary.
 #[derive(Parser)]
 #[command(name = "meshgate", version, about)]
@@ -29,6 +31,11 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Decode or encode a binary (MCPW) agent frame.
+    Frame {
+        #[command(subcommand)]
+        command: frame_cmd::FrameCommand,
     },
 }
 
@@ -238,6 +245,7 @@ fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(meshgate_bench::mesh::run_cli(args)))
         }
         Command::Keys { command } => runtime().and_then(|rt| rt.block_on(keys(command))),
+        Command::Frame { command } => return frame_cmd::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -111,6 +111,14 @@ fn shown(v: &Value) -> String {
 /// On failure also returns the request id when it could be read, so the error
 /// response can be correlated.
 pub fn check_envelope(body: &[u8]) -> Result<Envelope, (EnvelopeError, Option<Value>)> {
+    // serde skips ignored members without checking their UTF-8, so check
+    // the whole body first (found by the `jsonrpc_parse` fuzz target).
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err((
+            EnvelopeError::NotJson(format!("invalid UTF-8 at byte {}", e.valid_up_to())),
+            None,
+        ));
+    }
     let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
     if first == Some(b'[') {
         // Still report invalid JSON before calling it a batch.
@@ -169,6 +177,16 @@ mod tests {
             check_envelope(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).is_ok()
         );
         assert!(check_envelope(br#"{"jsonrpc":"2.0","id":"a","result":{}}"#).is_ok());
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_skipped_member_is_a_parse_error() {
+        let mut body = br#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"a":"??"}}"#.to_vec();
+        let at = body.iter().position(|b| *b == b'?').unwrap();
+        body[at] = 0xFF;
+        let (e, _) = check_envelope(&body).unwrap_err();
+        assert_eq!(e.code(), JsonRpcCode::ParseError);
+        assert!(e.to_string().contains("invalid UTF-8 at byte"), "{e}");
     }
 
     #[test]

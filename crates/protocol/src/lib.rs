@@ -1,11 +1,13 @@
 //! Wire formats shared by every part of meshgate: MCP protocol revisions and
-//! their negotiation, the MCP naming rules, and the JSON-RPC 2.0 envelope check
-//! that runs before a message reaches the MCP machinery.
+//! their negotiation, the MCP naming rules, the JSON-RPC 2.0 envelope check
+//! that runs before a message reaches the MCP machinery, and the binary frame
+//! codec ("MCPW") of agent connections in binary mode.
 //!
 //! Architecture invariant: this crate does no IO and knows nothing about tokio
 //! or HTTP. It is pure functions over bytes and strings.
 
 pub mod envelope;
+pub mod frame;
 pub mod names;
 pub mod versions;
 

@@ -15,7 +15,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use mesh::{AgentRow, BlobRow, MeshStore, TERMINAL_TASK_STATES, TaskQuery, TaskRow};
+pub use mesh::{
+    AgentRow, BlobRow, MeshStore, StateDocRow, StateDocSummary, TERMINAL_TASK_STATES, TaskQuery,
+    TaskRow,
+};
 pub use sqlite::SqliteStore;
 
 /// What went wrong in the store, and what to do about it.

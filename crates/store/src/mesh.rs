@@ -98,6 +98,40 @@ pub struct BlobRow {
     pub created_at: i64,
 }
 
+/// A stored shared-state document (a CRDT, opaque JSON to the store).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateDocRow {
+    /// Owning tenant (with `name`, the primary key).
+    pub tenant: String,
+    /// Document name.
+    pub name: String,
+    /// The CRDT state as canonical JSON.
+    pub state: serde_json::Value,
+    /// Digest of `state`, as the mesh computes it.
+    pub hash: String,
+    /// Raised by the writer on every change.
+    pub version: i64,
+    /// Bytes of the serialized `state`; filled in by the store on write.
+    pub size: i64,
+    /// Unix ms.
+    pub updated_at: i64,
+}
+
+/// A document's listing entry: everything but the state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateDocSummary {
+    /// Document name.
+    pub name: String,
+    /// Digest of the state.
+    pub hash: String,
+    /// Version.
+    pub version: i64,
+    /// Bytes of the stored state.
+    pub size: i64,
+    /// Unix ms.
+    pub updated_at: i64,
+}
+
 /// Everything the agent mesh persists. Implementations must be safe to share
 /// between tasks; every method is one short transaction.
 #[async_trait]
@@ -147,4 +181,15 @@ pub trait MeshStore: Send + Sync + std::fmt::Debug {
     async fn put_blob(&self, row: &BlobRow) -> StoreResult<()>;
     /// Reads a blob by id.
     async fn get_blob(&self, id: &str) -> StoreResult<Option<BlobRow>>;
+
+    /// Inserts or replaces a state document (by tenant and name).
+    async fn put_state_doc(&self, row: &StateDocRow) -> StoreResult<()>;
+    /// Reads a state document.
+    async fn get_state_doc(&self, tenant: &str, name: &str) -> StoreResult<Option<StateDocRow>>;
+    /// The documents of `tenant`, ordered by name.
+    async fn list_state_docs(&self, tenant: &str) -> StoreResult<Vec<StateDocSummary>>;
+
+    /// This database's node id: `candidate` is stored the first time and the
+    /// stored value returned from then on, so the id survives restarts.
+    async fn node_id(&self, candidate: &str) -> StoreResult<String>;
 }

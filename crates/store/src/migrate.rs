@@ -32,6 +32,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "mesh",
         sql: include_str!("../migrations/sqlite/0003_mesh.sql"),
     },
+    Migration {
+        version: 4,
+        name: "state",
+        sql: include_str!("../migrations/sqlite/0004_state.sql"),
+    },
 ];
 
 /// Applies every migration newer than the database's version.

@@ -669,10 +669,10 @@ mod tests {
         let dir = temp_dir("wal");
         let store = SqliteStore::open(&dir).await.unwrap();
         assert_eq!(store.journal_mode().await.unwrap(), "wal");
-        assert_eq!(store.schema_version().await.unwrap(), 3);
+        assert_eq!(store.schema_version().await.unwrap(), 4);
         drop(store);
         let again = SqliteStore::open(&dir).await.unwrap();
-        assert_eq!(again.schema_version().await.unwrap(), 3);
+        assert_eq!(again.schema_version().await.unwrap(), 4);
         assert!(dir.join("meshgate.db").exists());
     }
 
@@ -695,7 +695,7 @@ mod tests {
         .unwrap();
         pool.close().await;
         let store = SqliteStore::open(&dir).await.unwrap();
-        assert_eq!(store.schema_version().await.unwrap(), 3);
+        assert_eq!(store.schema_version().await.unwrap(), 4);
         store.put_session(&session("s", 1)).await.unwrap();
         store.set_session_owner("s", "t", "k").await.unwrap();
         assert_eq!(store.count_api_keys().await.unwrap(), 0);

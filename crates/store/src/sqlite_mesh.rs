@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite};
 
-use crate::mesh::{AgentRow, BlobRow, MeshStore, TaskQuery, TaskRow};
+use crate::mesh::{AgentRow, BlobRow, MeshStore, StateDocRow, StateDocSummary, TaskQuery, TaskRow};
 use crate::sqlite::{duplicate, json};
 use crate::{SqliteStore, StoreResult};
 
@@ -299,6 +299,80 @@ impl MeshStore for SqliteStore {
             })
         })
         .transpose()
+    }
+
+    async fn put_state_doc(&self, r: &StateDocRow) -> StoreResult<()> {
+        let state = r.state.to_string();
+        sqlx::query(
+            "INSERT INTO state_docs (tenant, name, state, hash, version, size, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT(tenant, name) DO UPDATE SET state = excluded.state, hash = excluded.hash,
+               version = excluded.version, size = excluded.size, updated_at = excluded.updated_at",
+        )
+        .bind(&r.tenant)
+        .bind(&r.name)
+        .bind(&state)
+        .bind(&r.hash)
+        .bind(r.version)
+        .bind(state.len() as i64)
+        .bind(r.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_state_doc(&self, tenant: &str, name: &str) -> StoreResult<Option<StateDocRow>> {
+        let row = sqlx::query(
+            "SELECT tenant, name, state, hash, version, size, updated_at FROM state_docs WHERE tenant = ? AND name = ?",
+        )
+        .bind(tenant)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(StateDocRow {
+                tenant: row.try_get("tenant")?,
+                name: row.try_get("name")?,
+                state: json(&row, "state", "state document")?,
+                hash: row.try_get("hash")?,
+                version: row.try_get("version")?,
+                size: row.try_get("size")?,
+                updated_at: row.try_get("updated_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn list_state_docs(&self, tenant: &str) -> StoreResult<Vec<StateDocSummary>> {
+        let rows = sqlx::query(
+            "SELECT name, hash, version, size, updated_at FROM state_docs WHERE tenant = ? ORDER BY name",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(StateDocSummary {
+                    name: row.try_get("name")?,
+                    hash: row.try_get("hash")?,
+                    version: row.try_get("version")?,
+                    size: row.try_get("size")?,
+                    updated_at: row.try_get("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn node_id(&self, candidate: &str) -> StoreResult<String> {
+        sqlx::query(
+            "INSERT INTO node_meta (key, value) VALUES ('node_id', ?) ON CONFLICT(key) DO NOTHING",
+        )
+        .bind(candidate)
+        .execute(&self.pool)
+        .await?;
+        let id: String = sqlx::query_scalar("SELECT value FROM node_meta WHERE key = 'node_id'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(id)
     }
 }
 
@@ -866,6 +940,69 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn state_documents_are_per_tenant_and_replaced_in_place() {
+        let dir = TempDir::new("state");
+        let store = open(&dir).await;
+        let doc = |tenant: &str, name: &str, version: i64| StateDocRow {
+            tenant: tenant.into(),
+            name: name.into(),
+            state: json!({"root": {"n": version}}),
+            hash: format!("sha256:{version}"),
+            version,
+            size: 0,
+            updated_at: version * 10,
+        };
+        store.put_state_doc(&doc("a", "board", 1)).await.unwrap();
+        store.put_state_doc(&doc("a", "board", 2)).await.unwrap();
+        store.put_state_doc(&doc("a", "alpha", 1)).await.unwrap();
+        store.put_state_doc(&doc("b", "board", 7)).await.unwrap();
+        let got = store.get_state_doc("a", "board").await.unwrap().unwrap();
+        assert_eq!(got.version, 2);
+        assert_eq!(got.state, json!({"root": {"n": 2}}));
+        assert_eq!(got.size, got.state.to_string().len() as i64);
+        assert_eq!(
+            store
+                .get_state_doc("b", "board")
+                .await
+                .unwrap()
+                .unwrap()
+                .version,
+            7
+        );
+        assert!(store.get_state_doc("c", "board").await.unwrap().is_none());
+        let names: Vec<String> = store
+            .list_state_docs("a")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.name)
+            .collect();
+        assert_eq!(names, ["alpha", "board"]);
+        drop(store);
+        let store = open(&dir).await;
+        assert_eq!(
+            store
+                .get_state_doc("a", "board")
+                .await
+                .unwrap()
+                .unwrap()
+                .hash,
+            "sha256:2"
+        );
+    }
+
+    #[tokio::test]
+    async fn node_id_is_chosen_once() {
+        let dir = TempDir::new("node");
+        let store = open(&dir).await;
+        assert_eq!(store.node_id("n-first").await.unwrap(), "n-first");
+        assert_eq!(store.node_id("n-second").await.unwrap(), "n-first");
+        drop(store);
+        let store = open(&dir).await;
+        assert_eq!(store.node_id("n-third").await.unwrap(), "n-first");
+    }
+
+    #[tokio::test]
     async fn corrupt_task_document_is_reported() {
         let dir = TempDir::new("corrupt");
         let store = open(&dir).await;
@@ -914,7 +1051,7 @@ mod tests {
         drop(store);
 
         let store = open(&dir).await;
-        assert_eq!(store.schema_version().await.unwrap(), 3);
+        assert_eq!(store.schema_version().await.unwrap(), 4);
         assert_eq!(store.get_task("t-1").await.unwrap(), Some(stored(&t, 1)));
         assert_eq!(store.get_task("t-2").await.unwrap(), Some(stored(&done, 2)));
         assert_eq!(ids(&store.open_tasks().await.unwrap()), ["t-1"]);

@@ -5,8 +5,12 @@
 //! progress that many times while sleeping), `fail` (fail with this message),
 //! `retryable` (whether that failure is retryable), `reject` (reject the
 //! task), `result_bytes` (add a `blob` of that many `x` to the result),
-//! `panic` (panic in the handler). Events go to stdout as JSON lines; logs
-//! go to stderr.
+//! `panic` (panic in the handler), `echo: true` (report the payload's size
+//! and SHA-256 instead of echoing it), `state: {doc, ops, repeat}` (apply
+//! `ops` to the shared document `repeat` times), `state_report: {doc}`
+//! (report the gateway's and the local replica's hash and value),
+//! `protocol_info: true` (add the gateway's `protocol.get_info`). Events go
+//! to stdout as JSON lines; logs go to stderr.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -16,12 +20,17 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use meshgate_agent::{
-    Agent, AgentError, AgentEvent, AgentOptions, CancellationToken, Capability, Task, TaskContext,
-    TaskFailure, TaskHandler, TaskResult, codes,
+    Agent, AgentError, AgentEvent, AgentOptions, BinaryOptions, CancellationToken, Capability,
+    Negotiation, Task, TaskContext, TaskFailure, TaskHandler, TaskResult, codes,
 };
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 use tracing_subscriber::EnvFilter;
+
+/// How long `state_report` waits for the replica to catch up with the
+/// gateway before it syncs.
+const REPORT_CATCH_UP: Duration = Duration::from_secs(2);
 
 /// Command-line options.
 #[derive(Debug, Parser)]
@@ -74,6 +83,23 @@ struct Cli {
     /// How long shutdown waits for running tasks, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     shutdown_grace_ms: u64,
+    /// Binary frames, offering the `mcpw.v1` WebSocket subprotocol.
+    #[arg(long, conflicts_with = "binary_runtime")]
+    binary: bool,
+    /// Binary frames, asked for with `protocol.set_binary` after connecting.
+    #[arg(long)]
+    binary_runtime: bool,
+    /// With binary frames: compress payloads of at least this many bytes; 0
+    /// turns compression off.
+    #[arg(long, default_value_t = 1024)]
+    compress_threshold: usize,
+    /// With binary frames: no CRC32 checksums.
+    #[arg(long)]
+    no_checksum: bool,
+    /// Subscribe to this shared state document at start (and after every
+    /// reconnect); repeatable.
+    #[arg(long = "subscribe", value_name = "DOC")]
+    subscribe: Vec<String>,
 }
 
 fn parse_capability(text: &str) -> Result<Capability, String> {
@@ -146,13 +172,120 @@ impl TaskHandler for PayloadHandler {
         result.insert("agent".into(), json!(self.agent_id));
         result.insert("task_id".into(), json!(task.id));
         result.insert("type".into(), json!(task.task_type));
-        result.insert("echo".into(), payload.clone());
+        if payload.get("echo").and_then(Value::as_bool) == Some(true) {
+            digest_payload(payload, &mut result);
+        } else {
+            result.insert("echo".into(), payload.clone());
+        }
+        if let Some(spec) = payload.get("state") {
+            apply_state(spec, &ctx, &mut result).await?;
+        }
+        if let Some(spec) = payload.get("state_report") {
+            report_state(spec, &ctx, &mut result).await?;
+        }
+        if payload.get("protocol_info").and_then(Value::as_bool) == Some(true) {
+            let info = ctx
+                .protocol_info()
+                .await
+                .map_err(|e| TaskFailure::retryable(format!("protocol.get_info failed: {e}")))?;
+            result.insert("protocol_info".into(), info);
+        }
         let blob_len = usize::try_from(number("result_bytes")).unwrap_or(usize::MAX);
         if blob_len > 0 {
             result.insert("blob".into(), json!("x".repeat(blob_len)));
         }
         Ok(result)
     }
+}
+
+/// Adds the payload's size and SHA-256 (of its compact JSON), and of its
+/// `data` string if it has one, so a large payload can be checked without
+/// echoing it.
+fn digest_payload(payload: &Value, result: &mut Map<String, Value>) {
+    let bytes = payload.to_string().into_bytes();
+    result.insert("payload_bytes".into(), json!(bytes.len()));
+    result.insert("payload_sha256".into(), json!(sha256_hex(&bytes)));
+    if let Some(data) = payload.get("data").and_then(Value::as_str) {
+        result.insert("data_bytes".into(), json!(data.len()));
+        result.insert("data_sha256".into(), json!(sha256_hex(data.as_bytes())));
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The `doc` of a `state` or `state_report` payload field.
+fn doc_of<'a>(spec: &'a Value, field: &str) -> Result<&'a str, TaskFailure> {
+    spec.get("doc")
+        .and_then(Value::as_str)
+        .ok_or_else(|| TaskFailure::permanent(format!("{field}.doc must be a string")))
+}
+
+/// `state: {doc, ops, repeat}`: applies `ops` `repeat` times (default 1).
+/// A failed apply fails the task for good, since a retry would apply the
+/// earlier rounds again.
+async fn apply_state(
+    spec: &Value,
+    ctx: &TaskContext,
+    result: &mut Map<String, Value>,
+) -> Result<(), TaskFailure> {
+    let doc = doc_of(spec, "state")?;
+    let ops = spec
+        .get("ops")
+        .and_then(Value::as_array)
+        .ok_or_else(|| TaskFailure::permanent("state.ops must be an array"))?;
+    let repeat = spec.get("repeat").and_then(Value::as_u64).unwrap_or(1);
+    let state = ctx.state(doc);
+    let mut ops_applied = 0;
+    let mut last = None;
+    for round in 0..repeat {
+        let outcome = state.apply(ops.clone()).await.map_err(|e| {
+            TaskFailure::permanent(format!(
+                "state.apply failed after {round} of {repeat} rounds: {e}"
+            ))
+        })?;
+        ops_applied += outcome.applied;
+        last = Some(outcome);
+    }
+    result.insert("applied".into(), json!(repeat));
+    result.insert("ops_applied".into(), json!(ops_applied));
+    if let Some(last) = last {
+        result.insert("hash".into(), json!(last.hash));
+        result.insert("value".into(), last.value);
+    }
+    Ok(())
+}
+
+/// `state_report: {doc}`: the gateway's and the local replica's hash and
+/// value. A subscribed replica gets a moment to catch up with deltas still
+/// on their way, then is synced, so the two agree unless the document
+/// changed in between.
+async fn report_state(
+    spec: &Value,
+    ctx: &TaskContext,
+    result: &mut Map<String, Value>,
+) -> Result<(), TaskFailure> {
+    let state = ctx.state(doc_of(spec, "state_report")?);
+    let failed = |e: AgentError| TaskFailure::retryable(format!("reading the state failed: {e}"));
+    let deadline = tokio::time::Instant::now() + REPORT_CATCH_UP;
+    let mut view = state.get().await.map_err(failed)?;
+    while state.is_subscribed() && state.local_hash().as_deref() != Some(view.hash.as_str()) {
+        if tokio::time::Instant::now() >= deadline {
+            view = state.sync().await.map_err(failed)?;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        view = state.get().await.map_err(failed)?;
+    }
+    result.insert("gateway_hash".into(), json!(view.hash));
+    result.insert("value".into(), view.value);
+    result.insert("local_hash".into(), json!(state.local_hash()));
+    result.insert("local_value".into(), json!(state.local_value()));
+    Ok(())
 }
 
 /// One JSON line per event on stdout, or `None` for events not printed.
@@ -179,6 +312,19 @@ fn event_line(event: &AgentEvent) -> Option<Value> {
             json!({"event": "config", "version": version, "config": config})
         }
         AgentEvent::Disconnected { reason } => json!({"event": "disconnected", "reason": reason}),
+        AgentEvent::ProtocolMode {
+            binary,
+            compression,
+            checksum,
+        } => json!({"event": "protocol_mode", "binary": binary,
+                    "compression": compression, "checksum": checksum}),
+        AgentEvent::BadFrame { error } => json!({"event": "bad_frame", "error": error}),
+        AgentEvent::StateSubscribed { doc, hash } => {
+            json!({"event": "state_subscribed", "doc": doc, "hash": hash})
+        }
+        AgentEvent::StateResynced { doc, hash } => {
+            json!({"event": "state_resynced", "doc": doc, "hash": hash})
+        }
         AgentEvent::Refused {
             status,
             code,
@@ -249,6 +395,18 @@ fn options(cli: Cli) -> AgentOptions {
     opts.reconnect_initial = Duration::from_millis(cli.reconnect_initial_ms);
     opts.reconnect_max = Duration::from_millis(cli.reconnect_max_ms);
     opts.shutdown_grace = Duration::from_millis(cli.shutdown_grace_ms);
+    let negotiate = if cli.binary {
+        Some(Negotiation::Subprotocol)
+    } else if cli.binary_runtime {
+        Some(Negotiation::Runtime)
+    } else {
+        None
+    };
+    opts.binary = negotiate.map(|negotiate| BinaryOptions {
+        compress_threshold: (cli.compress_threshold > 0).then_some(cli.compress_threshold),
+        checksum: !cli.no_checksum,
+        ..BinaryOptions::new(negotiate)
+    });
     opts
 }
 
@@ -275,8 +433,18 @@ async fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let agent_id = cli.id.clone();
+    let subscriptions = cli.subscribe.clone();
     let agent = Agent::new(options(cli));
     let printer = tokio::spawn(print_events(agent.events()));
+    for doc in subscriptions {
+        let state = agent.state(&doc);
+        // Waits for the first registration; later ones subscribe again.
+        tokio::spawn(async move {
+            if let Err(err) = state.subscribe().await {
+                tracing::warn!(doc, error = %err, "subscribing failed");
+            }
+        });
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
 
@@ -334,6 +502,52 @@ mod tests {
         assert_eq!(opts.agent_type, "generic");
         assert_eq!(opts.capabilities, [Capability::named("generic")]);
         assert_eq!(opts.max_concurrent_tasks, 4);
+        assert_eq!(opts.binary, None);
         assert!(opts.validate().is_ok());
+    }
+
+    #[test]
+    fn binary_flags_pick_negotiation_compression_and_checksum() {
+        let cli = Cli::parse_from(["meshgate-agent", "--id", "w-1", "--binary"]);
+        assert_eq!(
+            options(cli).binary,
+            Some(BinaryOptions::new(Negotiation::Subprotocol))
+        );
+        let cli = Cli::parse_from([
+            "meshgate-agent",
+            "--id",
+            "w-1",
+            "--binary-runtime",
+            "--compress-threshold",
+            "0",
+            "--no-checksum",
+        ]);
+        let binary = options(cli).binary;
+        assert_eq!(
+            binary
+                .as_ref()
+                .map(|b| (b.negotiate, b.compress_threshold, b.checksum)),
+            Some((Negotiation::Runtime, None, false))
+        );
+        let both = [
+            "meshgate-agent",
+            "--id",
+            "w",
+            "--binary",
+            "--binary-runtime",
+        ];
+        assert!(Cli::try_parse_from(both).is_err());
+    }
+
+    #[test]
+    fn echo_reports_size_and_sha256() {
+        let mut result = Map::new();
+        digest_payload(&json!({"data": "abc"}), &mut result);
+        assert_eq!(result["payload_bytes"], json!(14));
+        assert_eq!(result["data_bytes"], json!(3));
+        assert_eq!(
+            result["data_sha256"],
+            json!("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        );
     }
 }

@@ -3,10 +3,11 @@
 use std::process::Stdio;
 
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{ChildStdout, Command};
+use tokio::process::{Child, ChildStdout, Command};
 
-use crate::fake_gateway::{FakeGateway, WAIT};
+use crate::fake_gateway::{FakeDoc, FakeGateway, GatewayConn, WAIT};
 
 fn agent_command(url: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_meshgate-agent"));
@@ -166,4 +167,156 @@ async fn example_agent_exits_non_zero_with_the_reason_when_refused() {
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains(r#""event":"refused""#), "{stdout}");
+}
+
+/// SIGTERMs the agent and checks it closes with 1000 and exits 0.
+async fn stop(mut child: Child, conn: &mut GatewayConn) {
+    let pid = child.id().expect("pid").to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().await;
+    assert!(killed.is_ok_and(|s| s.success()));
+    assert_eq!(conn.expect_close().await, Some(1000));
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("the agent did not exit in time")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
+}
+
+/// `bytes` hex digits that compress only about half.
+fn noise(bytes: usize) -> String {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from_digit((x % 16) as u32, 16).unwrap_or('0')
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn example_agent_speaks_binary_applies_state_and_reports_it() {
+    let gateway = FakeGateway::start().await;
+    let mut command = agent_command(&gateway.url);
+    command.args(["--binary", "--subscribe", "counters"]);
+    let mut child = command.spawn().expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+
+    let mut conn = gateway.accept_with(true).await;
+    assert!(conn.binary, "the agent offered mcpw.v1");
+    conn.register(json!([])).await;
+    assert!(conn.last_frame.is_some());
+    let mode = event_named(&mut lines, "protocol_mode").await;
+    assert_eq!(
+        mode,
+        json!({"event": "protocol_mode", "binary": true, "compression": true, "checksum": true})
+    );
+
+    let mut doc = FakeDoc::new("counters");
+    conn.expect_and_answer("state.subscribe", doc.snapshot())
+        .await;
+    let subscribed = event_named(&mut lines, "state_subscribed").await;
+    assert_eq!(subscribed["doc"], "counters");
+    assert_eq!(subscribed["hash"], doc.doc.hash().as_str());
+
+    let ops = json!([{"op": "counter.increment", "path": "hits", "by": 1}]);
+    conn.assign_accepted(
+        "t-state",
+        json!({"state": {"doc": "counters", "ops": ops, "repeat": 3}}),
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(doc.serve_apply(&mut conn, true).await, ops);
+    }
+    let complete = conn.expect_and_answer("task.complete", json!({})).await;
+    let result = &complete["result"];
+    assert_eq!(result["applied"], 3);
+    assert_eq!(result["ops_applied"], 3);
+    assert_eq!(result["hash"], doc.doc.hash().as_str());
+    assert_eq!(result["value"], json!({"hits": 3}));
+
+    conn.assign_accepted("t-report", json!({"state_report": {"doc": "counters"}}))
+        .await;
+    let complete = loop {
+        let message = conn.recv().await;
+        match message["method"].as_str() {
+            Some("state.get") => {
+                let answer = json!({"doc": "counters", "value": doc.doc.value(),
+                                    "hash": doc.doc.hash(), "clock": doc.doc.clock()});
+                conn.answer(&message["id"], answer).await;
+            }
+            Some("state.sync") => conn.answer(&message["id"], doc.snapshot()).await,
+            Some("task.complete") => {
+                conn.answer(&message["id"], json!({})).await;
+                break message;
+            }
+            _ => panic!("unexpected {message}"),
+        }
+    };
+    let result = &complete["params"]["result"];
+    assert_eq!(result["gateway_hash"], doc.doc.hash().as_str());
+    assert_eq!(result["local_hash"], doc.doc.hash().as_str());
+    assert_eq!(result["value"], json!({"hits": 3}));
+    assert_eq!(result["local_value"], json!({"hits": 3}));
+
+    // A large payload arrives intact (compressed by the gateway).
+    let data = noise(300_000);
+    let payload = json!({"echo": true, "data": data});
+    conn.assign_accepted("t-echo", payload.clone()).await;
+    let complete = conn.expect_and_answer("task.complete", json!({})).await;
+    let result = &complete["result"];
+    assert_eq!(result["payload_bytes"], payload.to_string().len());
+    assert_eq!(result["data_bytes"], 300_000);
+    let sha: String = Sha256::digest(data.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(result["data_sha256"], sha.as_str());
+    assert!(result.get("echo").is_none(), "the payload is not echoed");
+    stop(child, &mut conn).await;
+}
+
+#[tokio::test]
+async fn example_agent_negotiates_at_run_time_with_its_own_preferences() {
+    let gateway = FakeGateway::start().await;
+    let mut command = agent_command(&gateway.url);
+    command.args([
+        "--binary-runtime",
+        "--compress-threshold",
+        "0",
+        "--no-checksum",
+    ]);
+    let mut child = command.spawn().expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+
+    let mut conn = gateway.accept().await;
+    let params = conn.expect_set_binary().await;
+    assert_eq!(
+        params,
+        json!({"enabled": true, "compression": {"enabled": false, "threshold": 1024}, "checksum": false})
+    );
+    conn.register(json!([])).await;
+    assert_eq!(conn.last_frame.map(|h| h.flags), Some(0));
+    let mode = event_named(&mut lines, "protocol_mode").await;
+    assert_eq!(
+        mode,
+        json!({"event": "protocol_mode", "binary": true, "compression": false, "checksum": false})
+    );
+    event_named(&mut lines, "registered").await;
+
+    conn.send_bytes(vec![0; 30]).await;
+    let bad = event_named(&mut lines, "bad_frame").await;
+    assert!(
+        bad["error"].as_str().is_some_and(|e| e.contains("magic")),
+        "{bad}"
+    );
+    conn.assign_accepted("t-after", json!({"protocol_info": true}))
+        .await;
+    let (id, _) = conn.expect_request("protocol.get_info").await;
+    let info = crate::fake_gateway::mode_info(true, false, 1024, false);
+    conn.answer(&id, info.clone()).await;
+    let complete = conn.expect_and_answer("task.complete", json!({})).await;
+    assert_eq!(complete["result"]["protocol_info"], info);
+    stop(child, &mut conn).await;
 }

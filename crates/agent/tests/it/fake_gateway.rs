@@ -1,14 +1,19 @@
 //! A scripted gateway: tests accept connections one at a time and play the
 //! gateway's side of the protocol by hand, checking what the agent sends.
+//! It speaks text and binary frames, and keeps CRDT documents the way the
+//! real gateway does.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use meshgate_agent::{
-    Agent, AgentError, AgentEvent, AgentOptions, CancellationToken, Capability, Task, TaskContext,
-    TaskFailure, TaskHandler, TaskResult,
+    Agent, AgentError, AgentEvent, AgentHandle, AgentOptions, CancellationToken, Capability, Task,
+    TaskContext, TaskFailure, TaskHandler, TaskResult,
 };
+use meshgate_core::crdt::{Document, parse_ops};
+use meshgate_protocol::frame::{self, EncodeOptions, FrameType, Header, Limits, Method};
 use serde_json::{Map, Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, broadcast};
@@ -48,21 +53,48 @@ impl FakeGateway {
         tcp
     }
 
-    /// Accepts the next connection's upgrade, recording its headers.
+    /// Accepts the next connection's upgrade, recording its headers; a
+    /// subprotocol offer is not taken.
     pub async fn accept(&self) -> GatewayConn {
+        self.accept_with(false).await
+    }
+
+    /// Accepts the next upgrade, taking the binary subprotocol if
+    /// `subprotocol` and the agent offers it (then the connection is binary).
+    pub async fn accept_with(&self, subprotocol: bool) -> GatewayConn {
         let tcp = self.accept_tcp().await;
         let (tx, rx) = std::sync::mpsc::channel();
         // The callback's error type is tungstenite's, large or not.
         #[allow(clippy::result_large_err)]
-        let callback = move |request: &Request, response: Response| {
-            let _ = tx.send(request.headers().clone());
+        let callback = move |request: &Request, mut response: Response| {
+            let offered = request
+                .headers()
+                .get("sec-websocket-protocol")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.split(',').any(|p| p.trim() == frame::SUBPROTOCOL));
+            if subprotocol && offered {
+                response.headers_mut().insert(
+                    "sec-websocket-protocol",
+                    frame::SUBPROTOCOL.parse().expect("header value"),
+                );
+            }
+            let _ = tx.send((request.headers().clone(), subprotocol && offered));
             Ok::<_, ErrorResponse>(response)
         };
         let ws = tokio_tungstenite::accept_hdr_async(tcp, callback)
             .await
             .expect("upgrade");
-        let headers = rx.recv().expect("headers");
-        GatewayConn { ws, headers }
+        let (headers, binary) = rx.recv().expect("headers");
+        GatewayConn {
+            ws,
+            headers,
+            binary,
+            encode: EncodeOptions::default(),
+            sequence: 0,
+            pending: VecDeque::new(),
+            last_frame: None,
+            pongs: Vec::new(),
+        }
     }
 
     /// Accepts the next connection and registers it with the default answer.
@@ -96,23 +128,57 @@ pub struct GatewayConn {
     ws: WebSocketStream<TcpStream>,
     /// The upgrade request's headers.
     pub headers: HeaderMap,
+    /// Whether the gateway sends binary frames.
+    pub binary: bool,
+    /// How the gateway encodes its binary frames.
+    pub encode: EncodeOptions,
+    /// The gateway's last frame number.
+    sequence: u64,
+    /// Messages read but not yet returned, with their frame's header (`None`
+    /// for text).
+    pending: VecDeque<(Value, Option<Header>)>,
+    /// The header of the frame that carried the message `recv` returned
+    /// last; `None` when it came as text.
+    pub last_frame: Option<Header>,
+    /// The headers of the pong frames the agent sent.
+    pub pongs: Vec<Header>,
 }
 
 impl GatewayConn {
-    /// The next JSON message, skipping heartbeats.
+    /// The next JSON message, text or binary, skipping heartbeats.
     pub async fn recv(&mut self) -> Value {
         loop {
+            if let Some((value, header)) = self.pending.pop_front() {
+                assert_eq!(value["jsonrpc"], "2.0", "{value}");
+                if value["method"] != "agent.heartbeat" {
+                    self.last_frame = header;
+                    return value;
+                }
+                continue;
+            }
             let frame = tokio::time::timeout(WAIT, self.ws.next())
                 .await
                 .expect("no message from the agent in time")
                 .expect("the connection ended")
                 .expect("read");
-            if let Message::Text(text) = frame {
-                let value: Value = serde_json::from_str(text.as_str()).expect("agent sent JSON");
-                assert_eq!(value["jsonrpc"], "2.0", "{value}");
-                if value["method"] != "agent.heartbeat" {
-                    return value;
+            match frame {
+                Message::Text(text) => {
+                    let value = serde_json::from_str(text.as_str()).expect("agent sent JSON");
+                    self.pending.push_back((value, None));
                 }
+                Message::Binary(bytes) => {
+                    let frame = frame::decode(&bytes, &Limits::default())
+                        .unwrap_or_else(|e| panic!("the agent sent a bad frame: {e}"));
+                    if frame.header.frame_type == FrameType::Pong {
+                        self.pongs.push(frame.header);
+                        continue;
+                    }
+                    for message in frame.messages() {
+                        let value = serde_json::from_slice(message).expect("agent sent JSON");
+                        self.pending.push_back((value, Some(frame.header)));
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -136,10 +202,10 @@ impl GatewayConn {
         params
     }
 
-    /// Expects `agent.register` as request 1 and answers it.
+    /// Expects `agent.register` and answers it.
     pub async fn register(&mut self, resumed: Value) -> Value {
         let (id, params) = self.expect_request("agent.register").await;
-        assert_eq!(id, json!(1));
+        assert!(id.is_u64(), "{id}");
         self.answer(
             &id,
             json!({
@@ -153,11 +219,73 @@ impl GatewayConn {
         params
     }
 
+    /// Sends a message as text or as a binary frame, per `binary`.
     pub async fn send(&mut self, value: Value) {
+        if !self.binary {
+            return self.send_text(value).await;
+        }
+        let text = value.to_string();
+        let (frame_type, method) = frame::classify(text.as_bytes());
+        self.sequence += 1;
+        let bytes = frame::encode(
+            frame_type,
+            method,
+            self.sequence,
+            text.as_bytes(),
+            &self.encode,
+            &Limits::default(),
+        )
+        .expect("encode");
+        self.send_bytes(bytes).await;
+    }
+
+    /// Sends a message as text whatever the mode.
+    pub async fn send_text(&mut self, value: Value) {
         self.ws
             .send(Message::text(value.to_string()))
             .await
             .expect("send");
+    }
+
+    /// Sends raw bytes as a binary WebSocket message.
+    pub async fn send_bytes(&mut self, bytes: Vec<u8>) {
+        self.ws
+            .send(Message::Binary(bytes.into()))
+            .await
+            .expect("send");
+    }
+
+    /// Sends a ping frame with this sequence id.
+    pub async fn send_ping(&mut self, sequence: u64) {
+        let bytes = frame::encode(
+            FrameType::Ping,
+            Method::Ping,
+            sequence,
+            b"{}",
+            &self.encode,
+            &Limits::default(),
+        )
+        .expect("encode");
+        self.send_bytes(bytes).await;
+    }
+
+    /// Expects `protocol.set_binary`, answers it as the gateway does (in
+    /// the old mode), then sends binary itself; returns the params.
+    pub async fn expect_set_binary(&mut self) -> Value {
+        let (id, params) = self.expect_request("protocol.set_binary").await;
+        let compression = &params["compression"];
+        let threshold = compression["threshold"].as_u64().unwrap_or(1024);
+        let enabled = compression["enabled"].as_bool().unwrap_or(true);
+        let checksum = params["checksum"].as_bool().unwrap_or(true);
+        self.answer(&id, mode_info(true, enabled, threshold, checksum))
+            .await;
+        self.binary = true;
+        self.encode = EncodeOptions {
+            compress_threshold: enabled.then_some(threshold as usize),
+            checksum,
+            ..EncodeOptions::default()
+        };
+        params
     }
 
     pub async fn answer(&mut self, id: &Value, result: Value) {
@@ -236,6 +364,73 @@ impl GatewayConn {
     }
 }
 
+/// `protocol.get_info`'s (and `protocol.set_binary`'s) result.
+pub fn mode_info(binary: bool, compression: bool, threshold: u64, checksum: bool) -> Value {
+    json!({
+        "mode": if binary { "binary" } else { "text" }, "version": 1,
+        "compression": {"enabled": compression, "threshold": threshold, "algorithm": "gzip"},
+        "checksum": checksum, "subprotocol": null,
+        "limits": {"max_payload_bytes": 1048576, "max_decompressed_bytes": 10485760},
+        "frames": {}
+    })
+}
+
+/// A shared document as the gateway keeps it.
+pub struct FakeDoc {
+    pub name: String,
+    pub doc: Document,
+    now_ms: u64,
+}
+
+impl FakeDoc {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            doc: Document::new(),
+            now_ms: 1,
+        }
+    }
+
+    /// Applies ops (JSON, as `state.apply` takes them) as replica `by`;
+    /// returns the delta.
+    pub fn apply(&mut self, by: &str, ops: &Value) -> Document {
+        let ops = parse_ops(ops, 100).unwrap_or_else(|e| panic!("ops: {e}"));
+        self.now_ms += 1;
+        self.doc
+            .apply(by, &ops, self.now_ms)
+            .unwrap_or_else(|e| panic!("apply: {e}"))
+    }
+
+    /// The answer to `state.subscribe` and `state.sync`.
+    pub fn snapshot(&self) -> Value {
+        json!({"doc": self.name, "state": self.doc.to_json(), "hash": self.doc.hash(), "value": self.doc.value()})
+    }
+
+    /// The params of the `state.delta` that pushes `delta`.
+    pub fn delta(&self, delta: &Document) -> Value {
+        json!({"doc": self.name, "delta": delta.to_json(), "hash": self.doc.hash()})
+    }
+
+    /// Serves one `state.apply` (pushing its delta first, as the gateway
+    /// does for a subscriber); returns the ops.
+    pub async fn serve_apply(&mut self, conn: &mut GatewayConn, subscribed: bool) -> Value {
+        let (id, params) = conn.expect_request("state.apply").await;
+        assert_eq!(params["doc"], self.name.as_str());
+        let delta = self.apply("agent", &params["ops"]);
+        if subscribed {
+            conn.notify("state.delta", self.delta(&delta)).await;
+        }
+        let applied = params["ops"].as_array().map_or(0, Vec::len);
+        conn.answer(
+            &id,
+            json!({"doc": self.name, "applied": applied, "hash": self.doc.hash(),
+                   "delta": delta.to_json(), "value": self.doc.value()}),
+        )
+        .await;
+        params["ops"].clone()
+    }
+}
+
 /// A handler whose behaviour each task's payload picks: `progress` (report
 /// 0.5 first), `hold` (wait for a permit from `release` or cancellation),
 /// `fail`, `panic`, `reject`.
@@ -301,6 +496,7 @@ pub fn options(url: &str) -> AgentOptions {
 /// An agent running in the background.
 pub struct RunningAgent {
     pub events: broadcast::Receiver<AgentEvent>,
+    pub handle: AgentHandle,
     pub shutdown: CancellationToken,
     pub release: Arc<Semaphore>,
     pub join: JoinHandle<Result<(), AgentError>>,
@@ -310,6 +506,7 @@ impl RunningAgent {
     pub fn start(opts: AgentOptions) -> Self {
         let agent = Agent::new(opts);
         let events = agent.events();
+        let handle = agent.handle();
         let shutdown = CancellationToken::new();
         let release = Arc::new(Semaphore::new(0));
         let handler = Arc::new(ScriptedHandler {
@@ -318,6 +515,7 @@ impl RunningAgent {
         let join = tokio::spawn(agent.run(handler, shutdown.clone()));
         Self {
             events,
+            handle,
             shutdown,
             release,
             join,

@@ -2,4 +2,6 @@
 
 mod binary;
 mod fake_gateway;
+mod frames;
 mod sdk;
+mod shared_state;

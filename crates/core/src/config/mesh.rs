@@ -49,6 +49,25 @@ pub struct MeshConfig {
     pub agent_messages_per_sec: u32,
     /// Terminal tasks older than this are purged, in seconds (0 keeps them).
     pub task_retention_secs: u64,
+    /// Agents may switch to binary frames (`docs/binary-frames.md`).
+    pub binary_enabled: bool,
+    /// Binary messages of at least this many bytes are gzip-compressed when
+    /// that makes them smaller (0: never), unless the agent asks otherwise.
+    pub binary_compression_threshold: usize,
+    /// Binary frames carry a CRC32 trailer unless the agent asks otherwise.
+    pub binary_checksum: bool,
+    /// Largest binary frame payload (on the wire), in bytes.
+    pub binary_max_payload_bytes: usize,
+    /// Largest binary frame payload after decompression, in bytes.
+    pub binary_max_decompressed_bytes: usize,
+    /// Bad binary frames one connection may send before it is closed (1008).
+    pub binary_max_bad_frames: u32,
+    /// Largest shared-state document (its CRDT state as JSON), in bytes.
+    pub state_max_doc_bytes: usize,
+    /// Most operations in one `state.apply`.
+    pub state_max_ops: usize,
+    /// Most shared-state documents per tenant.
+    pub state_max_docs_per_tenant: usize,
 }
 
 impl Default for MeshConfig {
@@ -72,6 +91,15 @@ impl Default for MeshConfig {
             max_message_bytes: 16 * 1024 * 1024,
             agent_messages_per_sec: 2_000,
             task_retention_secs: 7 * 86_400,
+            binary_enabled: true,
+            binary_compression_threshold: 1024,
+            binary_checksum: true,
+            binary_max_payload_bytes: 1024 * 1024,
+            binary_max_decompressed_bytes: 10 * 1024 * 1024,
+            binary_max_bad_frames: 5,
+            state_max_doc_bytes: 4 * 1024 * 1024,
+            state_max_ops: 1000,
+            state_max_docs_per_tenant: 1000,
         }
     }
 }
@@ -111,6 +139,33 @@ impl MeshConfig {
             u64::from(self.agent_messages_per_sec),
             1,
         );
+        at_least(
+            "binary_max_payload_bytes",
+            self.binary_max_payload_bytes as u64,
+            1024,
+        );
+        at_least(
+            "binary_max_bad_frames",
+            u64::from(self.binary_max_bad_frames),
+            1,
+        );
+        at_least("state_max_doc_bytes", self.state_max_doc_bytes as u64, 1024);
+        at_least("state_max_ops", self.state_max_ops as u64, 1);
+        at_least(
+            "state_max_docs_per_tenant",
+            self.state_max_docs_per_tenant as u64,
+            1,
+        );
+        if self.binary_max_decompressed_bytes < self.binary_max_payload_bytes {
+            errors.push(invalid(
+                "mesh.binary_max_decompressed_bytes",
+                &self.binary_max_decompressed_bytes.to_string(),
+                &format!(
+                    "must be at least mesh.binary_max_payload_bytes ({})",
+                    self.binary_max_payload_bytes
+                ),
+            ));
+        }
         if self.heartbeat_timeout_secs <= self.heartbeat_interval_secs {
             errors.push(invalid(
                 "mesh.heartbeat_timeout_secs",

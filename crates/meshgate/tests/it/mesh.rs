@@ -28,7 +28,7 @@ use crate::support::{
 
 /// Longest wait of a flow that spans several processes (agents connecting,
 /// retries with backoff, heartbeat timeouts) on a slow shared machine.
-const FLOW_WAIT: Duration = Duration::from_secs(20);
+pub(crate) const FLOW_WAIT: Duration = Duration::from_secs(20);
 
 /// Task states that end a task.
 const TERMINAL: [&str; 4] = ["completed", "failed", "cancelled", "timeout"];
@@ -39,7 +39,7 @@ const TERMINAL: [&str; 4] = ["completed", "failed", "cancelled", "timeout"];
 
 /// A gateway configuration with short mesh timers; `overrides` replace or
 /// add `[mesh]` keys (values are TOML).
-fn mesh_config(overrides: &[(&str, &str)]) -> GatewayConfig {
+pub(crate) fn mesh_config(overrides: &[(&str, &str)]) -> GatewayConfig {
     let mut keys: Vec<(String, String)> = [
         ("heartbeat_interval_secs", "1"),
         ("heartbeat_timeout_secs", "10"),
@@ -61,7 +61,7 @@ fn mesh_config(overrides: &[(&str, &str)]) -> GatewayConfig {
 }
 
 /// A new key with role `agent` (in `tenant`, or the default tenant).
-async fn agent_key(gw: &Gateway, tenant: Option<&str>) -> String {
+pub(crate) async fn agent_key(gw: &Gateway, tenant: Option<&str>) -> String {
     let mut body = json!({"name": "agent", "role": "agent"});
     if let Some(t) = tenant {
         body["tenant"] = json!(t);
@@ -70,7 +70,7 @@ async fn agent_key(gw: &Gateway, tenant: Option<&str>) -> String {
 }
 
 /// A new key with role `developer` in `tenant`.
-async fn developer_key(gw: &Gateway, tenant: &str) -> String {
+pub(crate) async fn developer_key(gw: &Gateway, tenant: &str) -> String {
     create_key(
         gw,
         json!({"name": format!("dev-{tenant}"), "role": "developer", "tenant": tenant}),
@@ -80,7 +80,7 @@ async fn developer_key(gw: &Gateway, tenant: &str) -> String {
 }
 
 /// `POST /api/v1/tasks` with one task; it must be created (201).
-async fn submit(gw: &Gateway, http: &reqwest::Client, body: Value) -> String {
+pub(crate) async fn submit(gw: &Gateway, http: &reqwest::Client, body: Value) -> String {
     let (status, task) = send(
         http,
         Method::POST,
@@ -117,14 +117,19 @@ async fn submit_batch(gw: &Gateway, bodies: Vec<Value>) -> Vec<String> {
 }
 
 /// `GET /api/v1/tasks/{id}` with the admin key; it must exist.
-async fn get_task(gw: &Gateway, id: &str) -> Value {
+pub(crate) async fn get_task(gw: &Gateway, id: &str) -> Value {
     let (status, task) = gw.get_json(&format!("/api/v1/tasks/{id}")).await;
     assert_eq!(status, StatusCode::OK, "GET task {id}: {task}");
     task
 }
 
 /// Polls the task until `done` holds, for up to [`FLOW_WAIT`].
-async fn wait_task(gw: &Gateway, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_task(
+    gw: &Gateway,
+    id: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + FLOW_WAIT;
     loop {
         let task = get_task(gw, id).await;
@@ -140,7 +145,7 @@ async fn wait_task(gw: &Gateway, id: &str, what: &str, done: impl Fn(&Value) -> 
 }
 
 /// Polls the task until it has ended.
-async fn wait_finished(gw: &Gateway, id: &str) -> Value {
+pub(crate) async fn wait_finished(gw: &Gateway, id: &str) -> Value {
     wait_task(gw, id, "a terminal state", |t| {
         TERMINAL.iter().any(|s| t["state"] == *s)
     })
@@ -167,7 +172,7 @@ fn id_of(v: &Value) -> String {
 
 /// A running `meshgate-agent`; its stdout events are collected, and it is
 /// killed and reaped on drop.
-struct AgentProc {
+pub(crate) struct AgentProc {
     id: String,
     child: Child,
     events: Arc<Mutex<Vec<Value>>>,
@@ -176,7 +181,7 @@ struct AgentProc {
 
 impl AgentProc {
     /// Starts `meshgate-agent --id id <args>` against `gw` with `key`.
-    fn spawn(gw: &Gateway, key: &str, id: &str, args: &[&str]) -> AgentProc {
+    pub(crate) fn spawn(gw: &Gateway, key: &str, id: &str, args: &[&str]) -> AgentProc {
         let mut cmd = Command::new(agent_bin());
         cmd.arg("--url")
             .arg(format!("ws://127.0.0.1:{}/ws", gw.port))
@@ -225,7 +230,7 @@ impl AgentProc {
     }
 
     /// Starts the agent and waits until the gateway accepted its registration.
-    async fn start(gw: &Gateway, key: &str, id: &str, args: &[&str]) -> AgentProc {
+    pub(crate) async fn start(gw: &Gateway, key: &str, id: &str, args: &[&str]) -> AgentProc {
         let agent = AgentProc::spawn(gw, key, id, args);
         agent
             .wait_event("its registration", |e| e["event"] == "registered")
@@ -234,19 +239,19 @@ impl AgentProc {
     }
 
     /// Everything printed so far.
-    fn events(&self) -> Vec<Value> {
+    pub(crate) fn events(&self) -> Vec<Value> {
         self.events.lock().expect("lock").clone()
     }
 
     /// Whether it printed event `name` about `task_id`.
-    fn saw(&self, name: &str, task_id: &str) -> bool {
+    pub(crate) fn saw(&self, name: &str, task_id: &str) -> bool {
         self.events()
             .iter()
             .any(|e| e["event"] == name && e["task_id"] == task_id)
     }
 
     /// Ids of the tasks it was assigned.
-    fn assigned(&self) -> Vec<String> {
+    pub(crate) fn assigned(&self) -> Vec<String> {
         self.events()
             .iter()
             .filter(|e| e["event"] == "assigned")
@@ -255,7 +260,7 @@ impl AgentProc {
     }
 
     /// Waits (up to [`FLOW_WAIT`]) for an event matching `pick`.
-    async fn wait_event(&self, what: &str, pick: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) async fn wait_event(&self, what: &str, pick: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + FLOW_WAIT;
         loop {
             if let Some(e) = self.events().into_iter().find(|e| pick(e)) {
@@ -273,7 +278,7 @@ impl AgentProc {
     }
 
     /// Waits for event `name` about `task_id`.
-    async fn wait_task_event(&self, name: &str, task_id: &str) -> Value {
+    pub(crate) async fn wait_task_event(&self, name: &str, task_id: &str) -> Value {
         self.wait_event(&format!("`{name}` of task {task_id}"), |e| {
             e["event"] == name && e["task_id"] == task_id
         })

@@ -72,6 +72,8 @@ pub fn route_scope(method: &Method, path: &str) -> Option<&'static str> {
         || path == "/api/v1/agents"
         || path.starts_with("/api/v1/agents/")
         || path.starts_with("/api/v1/blobs/")
+        || path == "/api/v1/state"
+        || path.starts_with("/api/v1/state/")
     {
         return Some(if write {
             scope::TASKS_WRITE

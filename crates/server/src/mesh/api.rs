@@ -1,6 +1,6 @@
 //! The REST API of the mesh: tasks (submit, get, list, cancel, an SSE
 //! stream of events), agents (list, get, configuration, health check,
-//! capability query) and result blobs.
+//! capability query), result blobs and shared state documents.
 
 // Handlers return a ready axum `Response` as their error: it is what they send.
 #![allow(clippy::result_large_err)]
@@ -44,6 +44,11 @@ pub fn routes() -> Router<Arc<Gateway>> {
             post(capability_query),
         )
         .route("/api/v1/blobs/{id}", get(blob))
+        .route("/api/v1/state", get(state_list))
+        .route(
+            "/api/v1/state/{doc}",
+            get(state_get).post(state_apply).delete(state_clear),
+        )
         .route("/api/v1/mesh", get(stats))
 }
 
@@ -404,4 +409,88 @@ async fn blob(
 
 async fn stats(Enabled(mesh): Enabled) -> Response {
     Json(mesh.stats()).into_response()
+}
+
+#[derive(Deserialize)]
+struct StateParams {
+    /// `true` adds the full CRDT state (what `state.sync` returns).
+    #[serde(default)]
+    full: bool,
+}
+
+/// The writer name of a REST caller in logs: its key or subject.
+fn rest_writer(p: &meshgate_core::Principal) -> String {
+    format!("api:{}", p.key_id.as_deref().unwrap_or(&p.subject))
+}
+
+/// `GET /api/v1/state`: the caller's documents.
+async fn state_list(Enabled(mesh): Enabled, Extension(RequestPrincipal(p)): Principal) -> Response {
+    reply(
+        mesh.shared
+            .list(&p.tenant)
+            .await
+            .map(|docs| json!({"documents": docs})),
+    )
+}
+
+/// `GET /api/v1/state/{doc}[?full=true]`.
+async fn state_get(
+    Enabled(mesh): Enabled,
+    Extension(RequestPrincipal(p)): Principal,
+    Path(doc): Path<String>,
+    Query(q): Query<StateParams>,
+) -> Response {
+    if q.full {
+        reply(mesh.shared.sync(&p.tenant, &doc).await)
+    } else {
+        reply(mesh.shared.get(&p.tenant, &doc).await)
+    }
+}
+
+/// `POST /api/v1/state/{doc}` with `{"ops": [...]}`.
+async fn state_apply(
+    Enabled(mesh): Enabled,
+    Extension(RequestPrincipal(p)): Principal,
+    Path(doc): Path<String>,
+    body: Bytes,
+) -> Response {
+    let body = match parse_body(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let Some(ops) = body.get("ops") else {
+        return error(MeshError::invalid(
+            "ops",
+            "required: an array of operations, e.g. [{\"op\": \"counter.increment\", \"path\": \"hits\", \"by\": 1}]",
+        ));
+    };
+    reply(
+        mesh.shared
+            .apply(&p.tenant, &doc, ops, &rest_writer(&p))
+            .await
+            .map(|a| {
+                json!({
+                    "doc": doc,
+                    "applied": a.applied,
+                    "hash": a.hash,
+                    "version": a.version,
+                    "value": a.value,
+                    "delta": a.delta,
+                })
+            }),
+    )
+}
+
+/// `DELETE /api/v1/state/{doc}`: removes every key (the clock stays).
+async fn state_clear(
+    Enabled(mesh): Enabled,
+    Extension(RequestPrincipal(p)): Principal,
+    Path(doc): Path<String>,
+) -> Response {
+    reply(
+        mesh.shared
+            .clear(&p.tenant, &doc, &rest_writer(&p))
+            .await
+            .map(|a| json!({"doc": doc, "cleared": true, "hash": a.hash, "version": a.version, "value": a.value})),
+    )
 }

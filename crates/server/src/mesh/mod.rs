@@ -8,6 +8,7 @@
 //! whatever else is queued, then sends the messages in order.
 
 pub mod api;
+pub mod shared;
 mod state;
 pub mod tools;
 mod writer;
@@ -51,6 +52,8 @@ pub mod code {
     pub const TOO_LARGE: i32 = 4007;
     /// Conflicting state: duplicate agent, task not assigned to the caller.
     pub const CONFLICT: i32 = 4008;
+    /// A binary frame that could not be decoded.
+    pub const BAD_FRAME: i32 = 4009;
 }
 
 /// A refused mesh operation: an agent error code, an HTTP status for the
@@ -143,8 +146,13 @@ pub struct TaskUpdate {
 /// What the gateway sends down an agent's connection.
 #[derive(Debug)]
 pub enum Outbound {
-    /// One JSON-RPC message.
+    /// One JSON-RPC message (in a text or a binary frame, by the
+    /// connection's mode).
     Text(String),
+    /// From here on, send messages this way.
+    Mode(ws::WireMode),
+    /// A binary frame as it is (a pong frame).
+    Frame(Vec<u8>),
     /// A WebSocket ping.
     Ping,
     /// Close the connection with this code and reason.
@@ -177,6 +185,8 @@ pub struct Mesh {
     /// Authentication, to re-check a connected agent's key (set at start-up
     /// when auth is on).
     pub auth: std::sync::OnceLock<Arc<crate::auth::Auth>>,
+    /// Shared CRDT documents.
+    pub shared: shared::SharedState,
 }
 
 enum Prepared {
@@ -213,6 +223,7 @@ impl Mesh {
             );
         }
         let wake = Arc::new(Notify::new());
+        let shared = shared::SharedState::open(store.clone(), &cfg).await?;
         let writer = Writer::start(store.clone(), events.clone(), wake.clone());
         let mesh = Arc::new(Mesh {
             cfg,
@@ -225,6 +236,7 @@ impl Mesh {
             next_request: AtomicU64::new(1),
             shutdown,
             auth: std::sync::OnceLock::new(),
+            shared,
         });
         tokio::spawn(mesh.clone().dispatch_loop());
         tokio::spawn(mesh.clone().housekeeping_loop());
@@ -758,6 +770,7 @@ impl Mesh {
     async fn housekeeping_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut purge_at = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut evict_at = purge_at;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -768,6 +781,10 @@ impl Mesh {
                 let batch = st.flush_agents(now_ms());
                 self.enqueue(batch);
                 st.publish_gauges();
+            }
+            if tokio::time::Instant::now() >= evict_at {
+                evict_at = tokio::time::Instant::now() + Duration::from_secs(60);
+                self.shared.evict_idle();
             }
             if self.cfg.task_retention_secs > 0 && tokio::time::Instant::now() >= purge_at {
                 purge_at = tokio::time::Instant::now() + Duration::from_secs(3600);

@@ -1,7 +1,17 @@
 //! `/ws`: the agent endpoint. One WebSocket per agent, JSON-RPC 2.0 in text
-//! frames, as `docs/agent-protocol.md` describes.
+//! frames, or in binary frames (`docs/binary-frames.md`) once negotiated by
+//! the `mcpw.v1` subprotocol or `protocol.set_binary`, as
+//! `docs/agent-protocol.md` describes.
+//!
+//! The mode only decides how the gateway sends: it reads text and binary
+//! frames at any time, so nothing is lost while the two ends switch. The
+//! switch itself travels through the writer's queue (`Outbound::Mode`) right
+//! behind the answer to `protocol.set_binary`, so that answer is the last
+//! message in the old mode.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Extension;
@@ -14,6 +24,7 @@ use futures::{SinkExt, StreamExt};
 use meshgate_core::Principal;
 use meshgate_core::mesh::{Registration, check_agent_id};
 use meshgate_core::ratelimit::{Gcra, Quota};
+use meshgate_protocol::frame::{self, EncodeOptions, FrameType, Limits, Method};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -113,14 +124,127 @@ pub async fn upgrade(
             );
         }
     };
-    let limit = mesh.cfg.max_message_bytes;
+    let cfg = &mesh.cfg;
+    let limit = cfg
+        .max_message_bytes
+        .max(cfg.binary_max_payload_bytes + frame::HEADER_LEN);
+    let ws = if cfg.binary_enabled {
+        ws.protocols([frame::SUBPROTOCOL])
+    } else {
+        ws
+    };
     ws.max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| async move {
-            Connection::new(mesh, principal, agent_id, agent_type)
+            let subprotocol = socket
+                .protocol()
+                .and_then(|p| p.to_str().ok())
+                .map(str::to_owned);
+            Connection::new(mesh, principal, agent_id, agent_type, subprotocol)
                 .run(socket)
                 .await
         })
+}
+
+/// How a connection's gateway side sends messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireMode {
+    /// Binary frames instead of text frames.
+    pub binary: bool,
+    /// Compress messages of at least this many bytes (binary mode only).
+    pub compress_threshold: Option<usize>,
+    /// Append a CRC32 trailer (binary mode only).
+    pub checksum: bool,
+}
+
+impl WireMode {
+    fn text(cfg: &meshgate_core::config::MeshConfig) -> WireMode {
+        WireMode {
+            binary: false,
+            compress_threshold: (cfg.binary_compression_threshold > 0)
+                .then_some(cfg.binary_compression_threshold),
+            checksum: cfg.binary_checksum,
+        }
+    }
+
+    fn encode_options(self) -> EncodeOptions {
+        EncodeOptions {
+            compress_threshold: self.compress_threshold,
+            checksum: self.checksum,
+            ..EncodeOptions::default()
+        }
+    }
+}
+
+/// Frame counts of one connection, for `protocol.get_info`.
+#[derive(Debug, Default)]
+struct FrameStats {
+    text_in: AtomicU64,
+    binary_in: AtomicU64,
+    text_out: AtomicU64,
+    binary_out: AtomicU64,
+    compressed_out: AtomicU64,
+    bad_in: AtomicU64,
+}
+
+impl FrameStats {
+    fn to_json(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "text_in": get(&self.text_in),
+            "binary_in": get(&self.binary_in),
+            "text_out": get(&self.text_out),
+            "binary_out": get(&self.binary_out),
+            "compressed_out": get(&self.compressed_out),
+            "bad_in": get(&self.bad_in),
+        })
+    }
+}
+
+/// The writer half of a connection: turns queued messages into frames.
+struct FrameWriter {
+    mode: WireMode,
+    sequence: u64,
+    limits: Limits,
+    stats: Arc<FrameStats>,
+}
+
+impl FrameWriter {
+    /// The WebSocket message for one JSON-RPC message. A message too large
+    /// for a binary frame goes out as text: the agent reads both.
+    fn message(&mut self, text: String) -> Message {
+        if self.mode.binary {
+            self.sequence += 1;
+            let (kind, method) = frame::classify(text.as_bytes());
+            match frame::encode(
+                kind,
+                method,
+                self.sequence,
+                text.as_bytes(),
+                &self.mode.encode_options(),
+                &self.limits,
+            ) {
+                Ok(bytes) => {
+                    self.stats.binary_out.fetch_add(1, Ordering::Relaxed);
+                    if bytes.len() >= frame::HEADER_LEN
+                        && u16::from_be_bytes([bytes[6], bytes[7]]) & frame::flags::COMPRESSED != 0
+                    {
+                        self.stats.compressed_out.fetch_add(1, Ordering::Relaxed);
+                    }
+                    metrics::counter!("agent_frames_total", "direction" => "out", "kind" => "binary")
+                        .increment(1);
+                    return Message::Binary(bytes.into());
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, size = text.len(), "mesh: message too large for a binary frame; sent as text");
+                }
+            }
+        }
+        self.stats.text_out.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("agent_frames_total", "direction" => "out", "kind" => "text")
+            .increment(1);
+        Message::Text(text.into())
+    }
 }
 
 struct Connection {
@@ -132,6 +256,15 @@ struct Connection {
     registered: bool,
     quota: Option<Quota>,
     gcra: Gcra,
+    /// The subprotocol agreed at the upgrade (`mcpw.v1` or none).
+    subprotocol: Option<String>,
+    /// How the gateway sends, as of the last message queued.
+    mode: WireMode,
+    limits: Limits,
+    stats: Arc<FrameStats>,
+    bad_frames: u32,
+    /// Shared documents this connection subscribes to.
+    subscriptions: BTreeSet<String>,
 }
 
 fn rpc_error(id: &Value, e: &MeshError) -> Outbound {
@@ -151,7 +284,7 @@ fn invalid_message(message: impl Into<String>) -> MeshError {
     }
 }
 
-const AGENT_METHODS: &str = "agent.register, agent.heartbeat, task.accept, task.reject, task.progress, task.extend, task.complete, task.fail";
+const AGENT_METHODS: &str = "agent.register, agent.heartbeat, task.accept, task.reject, task.progress, task.extend, task.complete, task.fail, state.get, state.apply, state.subscribe, state.unsubscribe, state.hash, state.sync, protocol.set_binary, protocol.get_info";
 
 impl Connection {
     fn new(
@@ -159,9 +292,22 @@ impl Connection {
         principal: Arc<Principal>,
         agent_id: String,
         agent_type: String,
+        subprotocol: Option<String>,
     ) -> Connection {
         let per_sec = u64::from(mesh.cfg.agent_messages_per_sec);
+        let mut mode = WireMode::text(&mesh.cfg);
+        mode.binary = subprotocol.as_deref() == Some(frame::SUBPROTOCOL);
+        let limits = Limits {
+            max_payload: mesh.cfg.binary_max_payload_bytes,
+            max_decompressed: mesh.cfg.binary_max_decompressed_bytes,
+        };
         Connection {
+            subprotocol,
+            mode,
+            limits,
+            stats: Arc::new(FrameStats::default()),
+            bad_frames: 0,
+            subscriptions: BTreeSet::new(),
             conn: mesh.connection_id(),
             quota: Quota::new(per_sec, Duration::from_secs(1), per_sec * 2),
             gcra: Gcra::default(),
@@ -176,10 +322,21 @@ impl Connection {
     async fn run(mut self, socket: WebSocket) {
         let (mut sink, mut stream) = socket.split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
+        let mut frames = FrameWriter {
+            mode: self.mode,
+            sequence: 0,
+            limits: self.limits,
+            stats: self.stats.clone(),
+        };
         let writer = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
                 let (frame, last) = match m {
-                    Outbound::Text(s) => (Message::Text(s.into()), false),
+                    Outbound::Text(s) => (frames.message(s), false),
+                    Outbound::Mode(mode) => {
+                        frames.mode = mode;
+                        continue;
+                    }
+                    Outbound::Frame(bytes) => (Message::Binary(bytes.into()), false),
                     Outbound::Ping => (Message::Ping(Default::default()), false),
                     Outbound::Close(code, reason) => (
                         Message::Close(Some(CloseFrame {
@@ -215,6 +372,8 @@ impl Connection {
                         break format!("read failed: {text}");
                     }
                     Some(Ok(Message::Text(t))) => {
+                        self.stats.text_in.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("agent_frames_total", "direction" => "in", "kind" => "text").increment(1);
                         if self.registered {
                             self.mesh.seen(&self.agent_id, self.conn);
                         }
@@ -223,9 +382,14 @@ impl Connection {
                             break "refused".to_owned();
                         }
                     }
-                    Some(Ok(Message::Binary(_))) => {
-                        let _ = tx.send(rpc_error(&Value::Null, &invalid_message(
-                            "binary frames are not enabled on this connection; send each JSON-RPC message in a text frame")));
+                    Some(Ok(Message::Binary(b))) => {
+                        if self.registered {
+                            self.mesh.seen(&self.agent_id, self.conn);
+                        }
+                        if let Some((close, why)) = self.binary(&b, &tx).await {
+                            let _ = tx.send(close);
+                            break why;
+                        }
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
                         if self.registered {
@@ -260,6 +424,12 @@ impl Connection {
                 }
             }
         };
+        for doc in std::mem::take(&mut self.subscriptions) {
+            self.mesh
+                .shared
+                .unsubscribe(&self.principal.tenant, &doc, self.conn)
+                .await;
+        }
         if self.registered {
             self.mesh.disconnected(&self.agent_id, self.conn, &why);
         }
@@ -280,7 +450,239 @@ impl Connection {
         }
     }
 
-    /// Handles one text frame. Returns a close frame when the connection
+    /// Handles one binary frame: decodes it and handles each message in it
+    /// as if it had come in a text frame. Returns a close frame and the
+    /// reason when the connection must end.
+    async fn binary(&mut self, bytes: &[u8], tx: &AgentTx) -> Option<(Outbound, String)> {
+        if !self.mesh.cfg.binary_enabled {
+            let _ = tx.send(rpc_error(&Value::Null, &MeshError {
+                code: code::BAD_FRAME,
+                status: 400,
+                message: "binary frames are disabled on this gateway (mesh.binary_enabled = false); send each JSON-RPC message in a text frame".into(),
+                data: Value::Null,
+            }));
+            return None;
+        }
+        self.stats.binary_in.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("agent_frames_total", "direction" => "in", "kind" => "binary")
+            .increment(1);
+        let decoded = match frame::decode(bytes, &self.limits) {
+            Ok(f) => f,
+            Err(e) => {
+                self.bad_frames += 1;
+                self.stats.bad_in.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("agent_bad_frames_total", "kind" => e.kind()).increment(1);
+                let limit = self.mesh.cfg.binary_max_bad_frames;
+                let _ = tx.send(rpc_error(&Value::Null, &MeshError {
+                    code: code::BAD_FRAME,
+                    status: 400,
+                    message: format!(
+                        "bad binary frame: {e}; see docs/binary-frames.md ({} of {limit} bad frames allowed on this connection)",
+                        self.bad_frames
+                    ),
+                    data: json!({"kind": e.kind(), "bad_frames": self.bad_frames, "limit": limit}),
+                }));
+                if self.bad_frames >= limit {
+                    let reason: String = format!(
+                        "too many bad binary frames ({}); last: {e}",
+                        self.bad_frames
+                    )
+                    .chars()
+                    .take(120)
+                    .collect();
+                    return Some((
+                        Outbound::Close(1008, reason),
+                        "too many bad frames".to_owned(),
+                    ));
+                }
+                return None;
+            }
+        };
+        match decoded.header.frame_type {
+            FrameType::Ping => {
+                let pong = frame::encode(
+                    FrameType::Pong,
+                    Method::Pong,
+                    decoded.header.sequence,
+                    &[],
+                    &self.mode.encode_options(),
+                    &self.limits,
+                );
+                if let Ok(pong) = pong {
+                    let _ = tx.send(Outbound::Frame(pong));
+                }
+                return None;
+            }
+            FrameType::Pong => return None,
+            _ => {}
+        }
+        for message in decoded.messages() {
+            let Ok(text) = std::str::from_utf8(message) else {
+                let _ = tx.send(rpc_error(
+                    &Value::Null,
+                    &invalid_message(
+                        "the binary frame's payload is not UTF-8 JSON; each message must be one JSON-RPC 2.0 object",
+                    ),
+                ));
+                continue;
+            };
+            if let Some(close) = self.handle(text, tx).await {
+                return Some((close, "refused".to_owned()));
+            }
+        }
+        None
+    }
+
+    /// What `protocol.get_info` reports.
+    fn protocol_info(&self) -> Value {
+        let m = self.mode;
+        json!({
+            "mode": if m.binary { "binary" } else { "text" },
+            "version": frame::VERSION,
+            "binary_enabled": self.mesh.cfg.binary_enabled,
+            "compression": {
+                "enabled": m.compress_threshold.is_some(),
+                "threshold": m.compress_threshold.unwrap_or(0),
+                "algorithm": "gzip",
+            },
+            "checksum": m.checksum,
+            "subprotocol": self.subprotocol,
+            "limits": {
+                "max_payload_bytes": self.limits.max_payload,
+                "max_decompressed_bytes": self.limits.max_decompressed,
+                "max_bad_frames": self.mesh.cfg.binary_max_bad_frames,
+            },
+            "frames": self.stats.to_json(),
+        })
+    }
+
+    /// `protocol.set_binary`: validates, answers in the old mode, then
+    /// queues the switch.
+    fn set_binary(&mut self, params: &Value, id: &Value, tx: &AgentTx) -> Result<(), MeshError> {
+        let cfg = &self.mesh.cfg;
+        let Some(obj) = params.as_object() else {
+            return Err(MeshError::invalid(
+                "params",
+                "expected {\"enabled\": true|false, \"compression\": {\"enabled\": bool, \"threshold\": bytes}, \"checksum\": bool}",
+            ));
+        };
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !matches!(k.as_str(), "enabled" | "compression" | "checksum"))
+        {
+            return Err(MeshError::invalid(
+                k,
+                "unknown field; protocol.set_binary takes enabled, compression and checksum",
+            ));
+        }
+        let Some(enabled) = obj.get("enabled").and_then(Value::as_bool) else {
+            return Err(MeshError::invalid("enabled", "required, true or false"));
+        };
+        if enabled && !cfg.binary_enabled {
+            return Err(MeshError::invalid(
+                "enabled",
+                "binary frames are disabled on this gateway (mesh.binary_enabled = false); stay in text mode",
+            ));
+        }
+        let mut mode = WireMode::text(cfg);
+        mode.binary = enabled;
+        if let Some(c) = obj.get("compression") {
+            let Some(c) = c.as_object() else {
+                return Err(MeshError::invalid(
+                    "compression",
+                    "expected {\"enabled\": bool, \"threshold\": bytes}",
+                ));
+            };
+            if let Some(k) = c
+                .keys()
+                .find(|k| !matches!(k.as_str(), "enabled" | "threshold"))
+            {
+                return Err(MeshError::invalid(
+                    &format!("compression.{k}"),
+                    "unknown field; compression takes enabled and threshold",
+                ));
+            }
+            let on = match c.get("enabled") {
+                None => true,
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    MeshError::invalid("compression.enabled", "must be true or false")
+                })?,
+            };
+            let threshold = match c.get("threshold") {
+                None => mode.compress_threshold.unwrap_or(1024),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|t| usize::try_from(t).ok())
+                    .ok_or_else(|| {
+                        MeshError::invalid(
+                            "compression.threshold",
+                            "must be a whole number of bytes (0 compresses every message)",
+                        )
+                    })?,
+            };
+            mode.compress_threshold = on.then_some(threshold);
+        }
+        if let Some(v) = obj.get("checksum") {
+            mode.checksum = v
+                .as_bool()
+                .ok_or_else(|| MeshError::invalid("checksum", "must be true or false"))?;
+        }
+        self.mode = mode;
+        let _ = tx.send(rpc_result(id, self.protocol_info()));
+        let _ = tx.send(Outbound::Mode(mode));
+        tracing::debug!(agent = %self.agent_id, binary = mode.binary, "mesh: wire mode changed");
+        Ok(())
+    }
+
+    /// The `state.*` methods.
+    async fn state_call(
+        &mut self,
+        method: &str,
+        params: &Value,
+        tx: &AgentTx,
+    ) -> Result<Value, MeshError> {
+        let doc = match params.get("doc") {
+            Some(Value::String(d)) => d.clone(),
+            Some(_) => {
+                return Err(MeshError::invalid(
+                    "doc",
+                    "must be a string, the document's name",
+                ));
+            }
+            None => return Err(MeshError::invalid("doc", "required: the document's name")),
+        };
+        let tenant = self.principal.tenant.clone();
+        let shared = &self.mesh.shared;
+        match method {
+            "state.get" => shared.get(&tenant, &doc).await,
+            "state.sync" => shared.sync(&tenant, &doc).await,
+            "state.hash" => shared.hash(&tenant, &doc).await,
+            "state.apply" => {
+                let ops = params.get("ops").unwrap_or(&Value::Null);
+                let a = shared.apply(&tenant, &doc, ops, &self.agent_id).await?;
+                Ok(json!({
+                    "doc": doc,
+                    "applied": a.applied,
+                    "hash": a.hash,
+                    "version": a.version,
+                    "delta": a.delta,
+                    "value": a.value,
+                }))
+            }
+            "state.subscribe" => {
+                let snap = shared.subscribe(&tenant, &doc, self.conn, tx).await?;
+                self.subscriptions.insert(doc);
+                Ok(snap)
+            }
+            _ => {
+                let was = shared.unsubscribe(&tenant, &doc, self.conn).await;
+                self.subscriptions.remove(&doc);
+                Ok(json!({"doc": doc, "subscribed": false, "was_subscribed": was}))
+            }
+        }
+    }
+
+    /// Handles one message. Returns a close frame when the connection
     /// must end (a refused registration).
     async fn handle(&mut self, text: &str, tx: &AgentTx) -> Option<Outbound> {
         let v: Value = match serde_json::from_str(text) {
@@ -376,6 +778,21 @@ impl Connection {
         if method == "agent.register" {
             return self.register(&params, &reply_id, tx).await;
         }
+        match method {
+            "protocol.get_info" => {
+                if id.is_some() {
+                    let _ = tx.send(rpc_result(&reply_id, self.protocol_info()));
+                }
+                return None;
+            }
+            "protocol.set_binary" => {
+                if let Err(e) = self.set_binary(&params, &reply_id, tx) {
+                    let _ = tx.send(rpc_error(&reply_id, &e));
+                }
+                return None;
+            }
+            _ => {}
+        }
         if !self.registered {
             if id.is_some() {
                 let _ = tx.send(rpc_error(
@@ -398,6 +815,16 @@ impl Connection {
                 Ok(())
             }
             "task.complete" => self.complete(params, id.clone(), text.len(), tx).await,
+            "state.get" | "state.sync" | "state.hash" | "state.apply" | "state.subscribe"
+            | "state.unsubscribe" => match self.state_call(method, &params, tx).await {
+                Ok(result) => {
+                    if id.is_some() {
+                        let _ = tx.send(rpc_result(&reply_id, result));
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
             "task.accept" | "task.reject" | "task.progress" | "task.extend" | "task.fail" => {
                 let reply = id.clone().map(|i| (tx.clone(), i));
                 self.mesh
@@ -508,6 +935,14 @@ fn method_label(m: &str) -> &'static str {
         "task.extend" => "task.extend",
         "task.complete" => "task.complete",
         "task.fail" => "task.fail",
+        "state.get" => "state.get",
+        "state.apply" => "state.apply",
+        "state.subscribe" => "state.subscribe",
+        "state.unsubscribe" => "state.unsubscribe",
+        "state.hash" => "state.hash",
+        "state.sync" => "state.sync",
+        "protocol.set_binary" => "protocol.set_binary",
+        "protocol.get_info" => "protocol.get_info",
         _ => "other",
     }
 }
