@@ -826,3 +826,49 @@ async fn subscribers_get_every_delta_in_order_and_a_replica_merging_them_matches
     let (bad, _) = a.call_text("state.get", json!({"doc": 7})).await;
     assert_eq!(bad["error"]["data"]["field"], "doc", "{bad}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_subscribes_to_a_bounded_number_of_documents_and_made_up_names_cost_nothing() {
+    let gw = Gateway::start(&mesh_config(&[("state_max_docs_per_tenant", "2")])).await;
+    let key = agent_key(&gw, None).await;
+    let mut a = BinAgent::connect(&gw, &key, "sub-cap", None).await;
+    let (registered, _) = a.call_text("agent.register", registration("sub-cap")).await;
+    assert_eq!(registered["result"]["agent_id"], "sub-cap", "{registered}");
+    for doc in ["d1", "d2"] {
+        let (ok, _) = a.call_text("state.subscribe", json!({"doc": doc})).await;
+        assert_eq!(ok["result"]["version"], 0, "{ok}");
+    }
+    let (again, _) = a.call_text("state.subscribe", json!({"doc": "d1"})).await;
+    assert!(
+        again["result"].is_object(),
+        "subscribing again is harmless: {again}"
+    );
+    let (third, _) = a.call_text("state.subscribe", json!({"doc": "d3"})).await;
+    assert_eq!(third["error"]["code"], 4007, "{third}");
+    assert!(
+        third["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("mesh.state_max_docs_per_tenant"),
+        "{third}"
+    );
+    let (never, _) = a
+        .call_text("state.unsubscribe", json!({"doc": "never-seen"}))
+        .await;
+    assert_eq!(never["result"]["was_subscribed"], false, "{never}");
+    let (left, _) = a.call_text("state.unsubscribe", json!({"doc": "d2"})).await;
+    assert_eq!(left["result"]["was_subscribed"], true, "{left}");
+    let (third, _) = a.call_text("state.subscribe", json!({"doc": "d3"})).await;
+    assert!(
+        third["result"].is_object(),
+        "room again after unsubscribing: {third}"
+    );
+    // Reading a document nobody wrote answers an empty one and stores nothing.
+    let (empty, _) = a
+        .call_text("state.get", json!({"doc": "nothing-here"}))
+        .await;
+    assert_eq!(empty["result"]["value"], json!({}), "{empty}");
+    assert_eq!(empty["result"]["version"], 0);
+    let (_, list) = send(&gw.client(), Http::GET, &gw.url("/api/v1/state"), None).await;
+    assert_eq!(list["documents"], json!([]), "{list}");
+}

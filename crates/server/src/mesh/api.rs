@@ -441,7 +441,9 @@ async fn state_get(
     Query(q): Query<StateParams>,
 ) -> Response {
     if q.full {
-        reply(mesh.shared.sync(&p.tenant, &doc).await)
+        let mut snapshot = Value::Null;
+        let done = mesh.shared.sync(&p.tenant, &doc, |v| snapshot = v).await;
+        reply(done.map(|()| snapshot))
     } else {
         reply(mesh.shared.get(&p.tenant, &doc).await)
     }

@@ -90,6 +90,8 @@ pub struct SharedState {
     max_ops: usize,
     max_docs: usize,
     slots: Mutex<HashMap<(String, String), SlotRef>>,
+    /// Held while a new document is counted and first stored.
+    creating: tokio::sync::Mutex<()>,
 }
 
 /// A document's slot, by (tenant, name).
@@ -110,6 +112,7 @@ impl SharedState {
             max_ops: cfg.state_max_ops,
             max_docs: cfg.state_max_docs_per_tenant,
             slots: Mutex::new(HashMap::new()),
+            creating: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -184,37 +187,80 @@ impl SharedState {
         })
     }
 
-    /// `state.get`: the plain value, hash, clock and version.
-    pub async fn get(&self, tenant: &str, name: &str) -> Result<Value, MeshError> {
-        check_doc_name(name)?;
-        let slot = self.slot(tenant, name);
-        let mut slot = slot.lock().await;
-        let d = self.load(&mut slot, tenant, name).await?;
-        Ok(json!({
-            "doc": name,
-            "value": d.doc.value(),
-            "hash": d.hash,
-            "clock": d.doc.clock(),
-            "version": d.version,
-        }))
+    fn existing_slot(&self, tenant: &str, name: &str) -> Option<SlotRef> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.get(&(tenant.to_owned(), name.to_owned())).cloned()
     }
 
-    /// `state.sync`: everything, the full CRDT state included.
-    pub async fn sync(&self, tenant: &str, name: &str) -> Result<Value, MeshError> {
+    /// Runs `f` on the document under its lock. A document that is neither
+    /// in memory nor stored is read as empty without keeping a slot for it,
+    /// so reads of made-up names cost no memory.
+    async fn read<T>(
+        &self,
+        tenant: &str,
+        name: &str,
+        f: impl FnOnce(&Loaded) -> T,
+    ) -> Result<T, MeshError> {
         check_doc_name(name)?;
-        let slot = self.slot(tenant, name);
+        let slot = match self.existing_slot(tenant, name) {
+            Some(slot) => slot,
+            None => {
+                let stored = self
+                    .store
+                    .get_state_doc(tenant, name)
+                    .await
+                    .map_err(MeshError::store)?;
+                if stored.is_none() {
+                    let doc = Document::new();
+                    let hash = doc.hash();
+                    return Ok(f(&Loaded {
+                        doc,
+                        version: 0,
+                        hash,
+                    }));
+                }
+                self.slot(tenant, name)
+            }
+        };
         let mut slot = slot.lock().await;
         let d = self.load(&mut slot, tenant, name).await?;
-        Ok(snapshot(name, d))
+        Ok(f(d))
+    }
+
+    /// `state.get`: the plain value, hash, clock and version.
+    pub async fn get(&self, tenant: &str, name: &str) -> Result<Value, MeshError> {
+        self.read(tenant, name, |d| {
+            json!({
+                "doc": name,
+                "value": d.doc.value(),
+                "hash": d.hash,
+                "clock": d.doc.clock(),
+                "version": d.version,
+            })
+        })
+        .await
+    }
+
+    /// `state.sync`: everything, the full CRDT state included, handed to
+    /// `answer` while the document is locked: an agent subscribed to it
+    /// gets the answer before any later delta, never after.
+    pub async fn sync(
+        &self,
+        tenant: &str,
+        name: &str,
+        answer: impl FnOnce(Value),
+    ) -> Result<(), MeshError> {
+        self.read(tenant, name, |d| answer(snapshot(name, d))).await
     }
 
     /// `state.hash`: the digest and clock only.
     pub async fn hash(&self, tenant: &str, name: &str) -> Result<Value, MeshError> {
-        check_doc_name(name)?;
-        let slot = self.slot(tenant, name);
-        let mut slot = slot.lock().await;
-        let d = self.load(&mut slot, tenant, name).await?;
-        Ok(json!({"doc": name, "hash": d.hash, "clock": d.doc.clock(), "version": d.version}))
+        self.read(
+            tenant,
+            name,
+            |d| json!({"doc": name, "hash": d.hash, "clock": d.doc.clock(), "version": d.version}),
+        )
+        .await
     }
 
     /// `state.apply`: parses `ops`, applies them all or none, stores the
@@ -239,16 +285,12 @@ impl SharedState {
         name: &str,
         writer: &str,
     ) -> Result<Applied, MeshError> {
-        check_doc_name(name)?;
-        let slot = self.slot(tenant, name);
-        let ops = {
-            let mut slot = slot.lock().await;
-            let d = self.load(&mut slot, tenant, name).await?;
-            if d.version == 0 {
-                return Err(MeshError::not_found("document", name));
-            }
-            d.doc.clear_ops()
-        };
+        let (version, ops) = self
+            .read(tenant, name, |d| (d.version, d.doc.clear_ops()))
+            .await?;
+        if version == 0 {
+            return Err(MeshError::not_found("document", name));
+        }
         self.apply_ops(tenant, name, &ops, writer).await
     }
 
@@ -262,6 +304,13 @@ impl SharedState {
         let slot = self.slot(tenant, name);
         let mut slot = slot.lock().await;
         let d = self.load(&mut slot, tenant, name).await?;
+        // New documents are created one at a time, so concurrent first
+        // writes cannot pass the per-tenant limit together.
+        let _creating = if d.version == 0 {
+            Some(self.creating.lock().await)
+        } else {
+            None
+        };
         if d.version == 0 {
             let count = self
                 .store
@@ -274,7 +323,7 @@ impl SharedState {
                     code::TOO_LARGE,
                     413,
                     format!(
-                        "your tenant already holds {count} shared documents (mesh.state_max_docs_per_tenant); clear or reuse one"
+                        "your tenant already holds {count} shared documents (mesh.state_max_docs_per_tenant); write to an existing document instead (a cleared one still counts), or ask the operator to raise the limit"
                     ),
                     json!({"limit": self.max_docs}),
                 ));
@@ -347,15 +396,18 @@ impl SharedState {
         })
     }
 
-    /// `state.subscribe`: the full snapshot; from then on `state.delta`
-    /// notifications go to `tx` in order. Subscribing twice is harmless.
+    /// `state.subscribe`: hands the full snapshot to `answer` and, from
+    /// then on, sends `state.delta` notifications to `tx` in order, all
+    /// under the document's lock, so the answer precedes every delta after
+    /// it. Subscribing twice is harmless.
     pub async fn subscribe(
         &self,
         tenant: &str,
         name: &str,
         conn: u64,
         tx: &AgentTx,
-    ) -> Result<Value, MeshError> {
+        answer: impl FnOnce(Value),
+    ) -> Result<(), MeshError> {
         check_doc_name(name)?;
         let slot = self.slot(tenant, name);
         let mut slot = slot.lock().await;
@@ -367,12 +419,15 @@ impl SharedState {
             slot.subscribers.push((conn, tx.clone()));
             metrics::gauge!("agent_state_subscriptions").increment(1.0);
         }
-        Ok(snap)
+        answer(snap);
+        Ok(())
     }
 
     /// `state.unsubscribe`; true if the connection was subscribed.
     pub async fn unsubscribe(&self, tenant: &str, name: &str, conn: u64) -> bool {
-        let slot = self.slot(tenant, name);
+        let Some(slot) = self.existing_slot(tenant, name) else {
+            return false;
+        };
         let mut slot = slot.lock().await;
         let before = slot.subscribers.len();
         slot.subscribers.retain(|(c, _)| *c != conn);

@@ -454,24 +454,23 @@ impl Connection {
     /// as if it had come in a text frame. Returns a close frame and the
     /// reason when the connection must end.
     async fn binary(&mut self, bytes: &[u8], tx: &AgentTx) -> Option<(Outbound, String)> {
-        if !self.mesh.cfg.binary_enabled {
-            let _ = tx.send(rpc_error(&Value::Null, &MeshError {
-                code: code::BAD_FRAME,
-                status: 400,
-                message: "binary frames are disabled on this gateway (mesh.binary_enabled = false); send each JSON-RPC message in a text frame".into(),
-                data: Value::Null,
-            }));
-            return None;
-        }
         self.stats.binary_in.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("agent_frames_total", "direction" => "in", "kind" => "binary")
             .increment(1);
-        let decoded = match frame::decode(bytes, &self.limits) {
+        let decoded = if self.mesh.cfg.binary_enabled {
+            frame::decode(bytes, &self.limits).map_err(|e| (e.kind(), e.to_string()))
+        } else {
+            Err((
+                "binary_disabled",
+                "binary frames are disabled on this gateway (mesh.binary_enabled = false); send each JSON-RPC message in a text frame".to_owned(),
+            ))
+        };
+        let decoded = match decoded {
             Ok(f) => f,
-            Err(e) => {
+            Err((kind, e)) => {
                 self.bad_frames += 1;
                 self.stats.bad_in.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("agent_bad_frames_total", "kind" => e.kind()).increment(1);
+                metrics::counter!("agent_bad_frames_total", "kind" => kind).increment(1);
                 let limit = self.mesh.cfg.binary_max_bad_frames;
                 let _ = tx.send(rpc_error(&Value::Null, &MeshError {
                     code: code::BAD_FRAME,
@@ -480,7 +479,7 @@ impl Connection {
                         "bad binary frame: {e}; see docs/binary-frames.md ({} of {limit} bad frames allowed on this connection)",
                         self.bad_frames
                     ),
-                    data: json!({"kind": e.kind(), "bad_frames": self.bad_frames, "limit": limit}),
+                    data: json!({"kind": kind, "bad_frames": self.bad_frames, "limit": limit}),
                 }));
                 if self.bad_frames >= limit {
                     let reason: String = format!(
@@ -500,6 +499,14 @@ impl Connection {
         };
         match decoded.header.frame_type {
             FrameType::Ping => {
+                // Pings count against the message rate like anything else,
+                // so a flood of them cannot grow the send queue.
+                if let Some(q) = &self.quota
+                    && !self.gcra.check(q, mono_now()).allowed
+                {
+                    metrics::counter!("agent_messages_limited_total").increment(1);
+                    return None;
+                }
                 let pong = frame::encode(
                     FrameType::Pong,
                     Method::Pong,
@@ -634,13 +641,16 @@ impl Connection {
         Ok(())
     }
 
-    /// The `state.*` methods.
+    /// The `state.*` methods. `state.subscribe` and `state.sync` answer
+    /// from inside the document's lock (so no delta overtakes the
+    /// snapshot) and return `None`; the others return their result.
     async fn state_call(
         &mut self,
         method: &str,
         params: &Value,
+        id: Option<&Value>,
         tx: &AgentTx,
-    ) -> Result<Value, MeshError> {
+    ) -> Result<Option<Value>, MeshError> {
         let doc = match params.get("doc") {
             Some(Value::String(d)) => d.clone(),
             Some(_) => {
@@ -653,31 +663,51 @@ impl Connection {
         };
         let tenant = self.principal.tenant.clone();
         let shared = &self.mesh.shared;
+        let answer = |result: Value| {
+            if let Some(id) = id {
+                let _ = tx.send(rpc_result(id, result));
+            }
+        };
         match method {
-            "state.get" => shared.get(&tenant, &doc).await,
-            "state.sync" => shared.sync(&tenant, &doc).await,
-            "state.hash" => shared.hash(&tenant, &doc).await,
+            "state.get" => shared.get(&tenant, &doc).await.map(Some),
+            "state.sync" => shared.sync(&tenant, &doc, answer).await.map(|()| None),
+            "state.hash" => shared.hash(&tenant, &doc).await.map(Some),
             "state.apply" => {
                 let ops = params.get("ops").unwrap_or(&Value::Null);
                 let a = shared.apply(&tenant, &doc, ops, &self.agent_id).await?;
-                Ok(json!({
+                Ok(Some(json!({
                     "doc": doc,
                     "applied": a.applied,
                     "hash": a.hash,
                     "version": a.version,
                     "delta": a.delta,
                     "value": a.value,
-                }))
+                })))
             }
             "state.subscribe" => {
-                let snap = shared.subscribe(&tenant, &doc, self.conn, tx).await?;
+                let limit = self.mesh.cfg.state_max_docs_per_tenant;
+                if !self.subscriptions.contains(&doc) && self.subscriptions.len() >= limit {
+                    return Err(MeshError {
+                        code: code::TOO_LARGE,
+                        status: 413,
+                        message: format!(
+                            "this connection already subscribes to {limit} documents (mesh.state_max_docs_per_tenant); unsubscribe from one first"
+                        ),
+                        data: json!({"limit": limit}),
+                    });
+                }
+                shared
+                    .subscribe(&tenant, &doc, self.conn, tx, answer)
+                    .await?;
                 self.subscriptions.insert(doc);
-                Ok(snap)
+                Ok(None)
             }
             _ => {
                 let was = shared.unsubscribe(&tenant, &doc, self.conn).await;
                 self.subscriptions.remove(&doc);
-                Ok(json!({"doc": doc, "subscribed": false, "was_subscribed": was}))
+                Ok(Some(
+                    json!({"doc": doc, "subscribed": false, "was_subscribed": was}),
+                ))
             }
         }
     }
@@ -816,15 +846,18 @@ impl Connection {
             }
             "task.complete" => self.complete(params, id.clone(), text.len(), tx).await,
             "state.get" | "state.sync" | "state.hash" | "state.apply" | "state.subscribe"
-            | "state.unsubscribe" => match self.state_call(method, &params, tx).await {
-                Ok(result) => {
-                    if id.is_some() {
-                        let _ = tx.send(rpc_result(&reply_id, result));
+            | "state.unsubscribe" => {
+                match self.state_call(method, &params, id.as_ref(), tx).await {
+                    Ok(Some(result)) => {
+                        if id.is_some() {
+                            let _ = tx.send(rpc_result(&reply_id, result));
+                        }
+                        Ok(())
                     }
-                    Ok(())
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
             "task.accept" | "task.reject" | "task.progress" | "task.extend" | "task.fail" => {
                 let reply = id.clone().map(|i| (tx.clone(), i));
                 self.mesh
