@@ -355,6 +355,27 @@ impl Agent {
         } else {
             self.set_binary(link, binary).await?
         };
+        // The gateway's frame limits: in the mode answer, or asked for.
+        let limits = match &answer {
+            Some(a) => Some(a.clone()),
+            None if link.is_binary() => {
+                match link
+                    .call(&self.shared, "protocol.get_info", json!({}), None)
+                    .await
+                {
+                    Ok(info) => Some(info),
+                    Err(err @ AgentError::Rpc { .. }) => {
+                        warn!(error = %err, "the gateway refused protocol.get_info; assuming its default frame limits");
+                        None
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            None => None,
+        };
+        if let Some(limits) = &limits {
+            link.set_gateway_limits(limits);
+        }
         let (compression, checksum) = gateway_mode(answer.as_ref());
         let binary = link.is_binary();
         let mode = AgentEvent::ProtocolMode {

@@ -9,7 +9,7 @@
 //! stream itself.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
@@ -42,6 +42,9 @@ pub(crate) struct Link {
     pub(crate) writer: JoinHandle<()>,
     /// Whether the writer sends binary frames; read for every message.
     binary: Arc<AtomicBool>,
+    /// The largest payload the gateway reads (`limits.max_payload_bytes`
+    /// of its mode answer), once known; the writer keeps under it.
+    gateway_max_payload: Arc<AtomicUsize>,
     /// The limits for the gateway's binary frames.
     pub(crate) limits: Limits,
     /// Requests and notifications that arrived before registration ended
@@ -57,9 +60,11 @@ impl Link {
         let (sink, stream) = ws.split();
         let (out_tx, out_rx) = mpsc::channel(OUTGOING_CAPACITY);
         let binary = Arc::new(AtomicBool::new(binary));
+        let gateway_max_payload = Arc::new(AtomicUsize::new(usize::MAX));
         let preferences = opts.binary.clone().unwrap_or_default();
         let encoder = Encoder {
             binary: binary.clone(),
+            gateway_max_payload: gateway_max_payload.clone(),
             options: encode_options(&preferences),
             limits: limits(&preferences),
             sequence: 0,
@@ -70,6 +75,7 @@ impl Link {
             stream,
             writer,
             binary,
+            gateway_max_payload,
             limits: limits(&preferences),
             early: Vec::new(),
         }
@@ -78,6 +84,19 @@ impl Link {
     /// Whether the writer sends binary frames now.
     pub(crate) fn is_binary(&self) -> bool {
         self.binary.load(Ordering::Acquire)
+    }
+
+    /// Records the largest payload the gateway reads, from its answer to
+    /// `protocol.set_binary` or `protocol.get_info`: larger messages then go
+    /// out as text instead of frames the gateway would refuse.
+    pub(crate) fn set_gateway_limits(&self, answer: &Value) {
+        if let Some(max) = answer
+            .pointer("/limits/max_payload_bytes")
+            .and_then(Value::as_u64)
+            .and_then(|m| usize::try_from(m).ok())
+        {
+            self.gateway_max_payload.store(max, Ordering::Release);
+        }
     }
 
     /// A hook that switches the writer to `binary` when run: messages it
@@ -218,6 +237,7 @@ fn parse_messages(bytes: &[u8]) -> Vec<Value> {
 /// The agent's encoding side of one connection.
 struct Encoder {
     binary: Arc<AtomicBool>,
+    gateway_max_payload: Arc<AtomicUsize>,
     options: EncodeOptions,
     limits: Limits,
     /// The last binary frame's sequence id; frames are numbered from 1.
@@ -235,13 +255,20 @@ impl Encoder {
                 }
                 let (frame_type, method) = frame::classify(text.as_bytes());
                 let sequence = self.sequence + 1;
+                let limits = Limits {
+                    max_payload: self
+                        .limits
+                        .max_payload
+                        .min(self.gateway_max_payload.load(Ordering::Acquire)),
+                    ..self.limits
+                };
                 match frame::encode(
                     frame_type,
                     method,
                     sequence,
                     text.as_bytes(),
                     &self.options,
-                    &self.limits,
+                    &limits,
                 ) {
                     Ok(bytes) => {
                         self.sequence = sequence;
@@ -322,6 +349,7 @@ mod tests {
     fn encoder(binary: bool, preferences: &BinaryOptions) -> Encoder {
         Encoder {
             binary: Arc::new(AtomicBool::new(binary)),
+            gateway_max_payload: Arc::new(AtomicUsize::new(usize::MAX)),
             options: encode_options(preferences),
             limits: limits(preferences),
             sequence: 0,
@@ -379,6 +407,22 @@ mod tests {
         let message = encoder.encode(Outgoing::Json(text));
         assert!(matches!(message, Some(Message::Text(_))), "{message:?}");
         assert_eq!(encoder.sequence, 0, "no frame number was used");
+    }
+
+    #[test]
+    fn the_gateways_smaller_payload_limit_is_kept() {
+        let preferences = BinaryOptions {
+            compress_threshold: None,
+            ..BinaryOptions::default()
+        };
+        let mut encoder = encoder(true, &preferences);
+        let text = json!({"pad": "y".repeat(2000)}).to_string();
+        let fits = encoder.encode(Outgoing::Json(text.clone()));
+        assert!(matches!(fits, Some(Message::Binary(_))), "{fits:?}");
+        // The gateway reads at most 1024 bytes per frame.
+        encoder.gateway_max_payload.store(1024, Ordering::Release);
+        let message = encoder.encode(Outgoing::Json(text));
+        assert!(matches!(message, Some(Message::Text(_))), "{message:?}");
     }
 
     #[test]

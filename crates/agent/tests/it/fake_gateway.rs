@@ -186,7 +186,20 @@ impl GatewayConn {
     /// The next message, which must be a request for `method`; returns its
     /// id and params.
     pub async fn expect_request(&mut self, method: &str) -> (Value, Value) {
-        let message = self.recv().await;
+        let mut message = self.recv().await;
+        // Answers `protocol.get_info` on the way, as the gateway does (the
+        // agent asks for the frame limits after a subprotocol upgrade).
+        while method != "protocol.get_info" && message["method"] == "protocol.get_info" {
+            let info = mode_info(
+                self.binary,
+                self.encode.compress_threshold.is_some(),
+                self.encode.compress_threshold.unwrap_or(0) as u64,
+                self.encode.checksum,
+            );
+            let id = message["id"].clone();
+            self.answer(&id, info).await;
+            message = self.recv().await;
+        }
         assert_eq!(message["method"], method, "{message}");
         assert!(
             message.get("id").is_some(),

@@ -64,11 +64,12 @@ async fn subprotocol_upgrade_sends_binary_frames_compressed_above_the_threshold_
     assert_eq!(conn.headers["sec-websocket-protocol"], frame::SUBPROTOCOL);
     assert!(conn.binary);
 
-    // The preferences are the gateway's defaults: no set_binary first.
+    // The preferences are the gateway's defaults: no set_binary, only
+    // protocol.get_info for the gateway's frame limits, then register.
     conn.register(json!([])).await;
     let register = header(&conn, "agent.register");
     assert_eq!(register.frame_type, FrameType::Request);
-    assert_eq!(register.sequence, 1);
+    assert_eq!(register.sequence, 2, "frame 1 was protocol.get_info");
     assert!(has(&register, flags::CHECKSUM));
     assert!(
         !has(&register, flags::COMPRESSED),
