@@ -99,6 +99,12 @@ pub struct McpConfig {
     pub max_request_body_bytes: usize,
     /// Accepted `Host` header values (DNS-rebinding protection); `["*"]` disables the check.
     pub allowed_hosts: Vec<String>,
+    /// Browser origins allowed besides the gateway itself and pages on an
+    /// allowed host (`scheme://host[:port]`, port `*` for any, `null`, or
+    /// `*`); they also get CORS answers.
+    pub allowed_origins: Vec<String>,
+    /// How long browsers may cache a CORS preflight answer, in seconds.
+    pub cors_max_age_secs: u64,
     /// Interval of SSE keep-alive comments, in seconds (0 disables them).
     pub sse_keep_alive_secs: u64,
     /// Answer plain request/response exchanges as `application/json` instead of SSE.
@@ -110,6 +116,8 @@ impl Default for McpConfig {
         McpConfig {
             max_request_body_bytes: 4 * 1024 * 1024,
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            allowed_origins: Vec::new(),
+            cors_max_age_secs: 600,
             sse_keep_alive_secs: 15,
             json_response: false,
         }
@@ -422,6 +430,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "mcp.max_request_body_bytes",
     ),
     ("MESHGATE_MCP_ALLOWED_HOSTS", "mcp.allowed_hosts"),
+    ("MESHGATE_MCP_ALLOWED_ORIGINS", "mcp.allowed_origins"),
     ("MESHGATE_MCP_JSON_RESPONSE", "mcp.json_response"),
     (
         "MESHGATE_NAMESPACING_PREFIX_MODE",
@@ -523,6 +532,13 @@ impl Config {
                     .filter(|s| !s.is_empty())
                     .collect()
             }
+            "mcp.allowed_origins" => {
+                self.mcp.allowed_origins = value
+                    .split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            }
             "mcp.json_response" => self.mcp.json_response = parse_bool(key, value)?,
             "namespacing.prefix_mode" => {
                 self.namespacing.prefix_mode = PrefixMode::parse(value).ok_or_else(|| {
@@ -569,6 +585,15 @@ impl Config {
                 "mcp.allowed_hosts",
                 "[]",
                 "list at least one host, or [\"*\"] to accept any Host",
+            ));
+        }
+        if let Err(e) =
+            crate::origin::OriginPolicy::new(&self.mcp.allowed_hosts, &self.mcp.allowed_origins)
+        {
+            errors.push(invalid(
+                "mcp.allowed_origins",
+                &self.mcp.allowed_origins.join(","),
+                &e,
             ));
         }
         let sep = &self.namespacing.separator;

@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod config;
 pub mod crdt;
 pub mod mesh;
+pub mod origin;
 pub mod ratelimit;
 
 pub use auth::{CredentialKind, Principal, Role};

@@ -281,6 +281,10 @@ pub fn router(state: AppState) -> Router {
                 mcp_precheck,
             ));
     let auth = state.auth.clone();
+    let origin = Arc::new(crate::origin::OriginLayer::new(cfg).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "mcp.allowed_origins is invalid; allowing no foreign browser origin");
+        crate::origin::OriginLayer::strict()
+    }));
     Router::new()
         .merge(crate::admin::routes())
         .route("/health", get(health))
@@ -305,6 +309,7 @@ pub fn router(state: AppState) -> Router {
             auth,
             crate::auth::middleware::authenticate,
         ))
+        .layer(middleware::from_fn_with_state(origin, crate::origin::check))
         .layer(middleware::from_fn(trace_id))
 }
 

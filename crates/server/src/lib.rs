@@ -18,6 +18,7 @@ pub mod http;
 pub mod legacy;
 pub mod limits;
 pub mod mesh;
+pub mod origin;
 pub mod outbox;
 pub mod resilience;
 pub mod serve;

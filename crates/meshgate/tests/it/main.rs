@@ -15,6 +15,7 @@ mod mesh;
 mod mesh_binary;
 mod mesh_durability;
 mod operations;
+mod origin;
 mod resilience;
 mod streamable;
 mod support;

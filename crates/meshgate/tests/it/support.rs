@@ -282,6 +282,12 @@ impl GatewayConfig {
         self
     }
 
+    /// Adds a line (`key = value`) to the `[mcp]` section.
+    pub fn mcp_line(mut self, line: &str) -> GatewayConfig {
+        self.mcp.push(line.to_owned());
+        self
+    }
+
     /// Sets `mcp.max_request_body_bytes`.
     pub fn max_request_body_bytes(mut self, limit: usize) -> GatewayConfig {
         self.mcp.push(format!("max_request_body_bytes = {limit}"));
