@@ -105,6 +105,10 @@ pub struct McpConfig {
     pub allowed_origins: Vec<String>,
     /// How long browsers may cache a CORS preflight answer, in seconds.
     pub cors_max_age_secs: u64,
+    /// How often `/mcp/ws` pings the client, in seconds.
+    pub ws_ping_interval_secs: u64,
+    /// Silence after which a `/mcp/ws` connection is closed (1008), in seconds.
+    pub ws_pong_timeout_secs: u64,
     /// Interval of SSE keep-alive comments, in seconds (0 disables them).
     pub sse_keep_alive_secs: u64,
     /// Answer plain request/response exchanges as `application/json` instead of SSE.
@@ -118,6 +122,8 @@ impl Default for McpConfig {
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             allowed_origins: Vec::new(),
             cors_max_age_secs: 600,
+            ws_ping_interval_secs: 15,
+            ws_pong_timeout_secs: 45,
             sse_keep_alive_secs: 15,
             json_response: false,
         }

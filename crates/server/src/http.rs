@@ -294,6 +294,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health/{component}", get(health_unknown))
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
+        .route("/mcp/ws", get(crate::mcp_ws::upgrade))
         .route("/sse", get(legacy::open_stream))
         .route("/messages", post(legacy::post_message))
         .with_state(state)

@@ -77,7 +77,10 @@ impl Drop for StreamGuard {
     }
 }
 
-fn host_allowed(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), Response> {
+pub(crate) fn host_allowed(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+) -> Result<(), Response> {
     let allowed = &state.gw.config.mcp.allowed_hosts;
     if allowed.iter().any(|h| h == "*") {
         return Ok(());

@@ -17,6 +17,7 @@ pub use gateway::Gateway;
 pub mod http;
 pub mod legacy;
 pub mod limits;
+pub mod mcp_ws;
 pub mod mesh;
 pub mod origin;
 pub mod outbox;

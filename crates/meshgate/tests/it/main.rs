@@ -11,6 +11,7 @@ mod federation;
 mod frame_cli;
 mod legacy_sse;
 mod limits;
+mod mcp_ws;
 mod mesh;
 mod mesh_binary;
 mod mesh_durability;
