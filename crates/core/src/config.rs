@@ -113,6 +113,36 @@ pub struct McpConfig {
     pub sse_keep_alive_secs: u64,
     /// Answer plain request/response exchanges as `application/json` instead of SSE.
     pub json_response: bool,
+    /// Secret (at least 32 characters) from which the key sealing
+    /// `Mcp-Session-Id`s is derived. Gateways that share it accept each
+    /// other's sessions. Unset: `session_key_file`, else `session.key` in the
+    /// data directory (created on first start).
+    #[serde(serialize_with = "mask_secret")]
+    pub session_key: Option<String>,
+    /// File holding the session secret (used when `session_key` is unset).
+    pub session_key_file: Option<PathBuf>,
+    /// Earlier session secrets still accepted when opening session ids
+    /// (key rotation); new ids are sealed with the current one only.
+    #[serde(serialize_with = "mask_secrets")]
+    pub session_previous_keys: Vec<String>,
+    /// Lifetime of a Streamable HTTP session from its `initialize`, in seconds.
+    pub session_ttl_secs: u64,
+}
+
+fn mask_secret<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_some("<set>"),
+        None => s.serialize_none(),
+    }
+}
+
+fn mask_secrets<S: serde::Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(v.len()))?;
+    for _ in v {
+        seq.serialize_element("<set>")?;
+    }
+    seq.end()
 }
 
 impl Default for McpConfig {
@@ -126,6 +156,10 @@ impl Default for McpConfig {
             ws_pong_timeout_secs: 45,
             sse_keep_alive_secs: 15,
             json_response: false,
+            session_key: None,
+            session_key_file: None,
+            session_previous_keys: Vec::new(),
+            session_ttl_secs: 86_400,
         }
     }
 }
@@ -438,6 +472,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("MESHGATE_MCP_ALLOWED_HOSTS", "mcp.allowed_hosts"),
     ("MESHGATE_MCP_ALLOWED_ORIGINS", "mcp.allowed_origins"),
     ("MESHGATE_MCP_JSON_RESPONSE", "mcp.json_response"),
+    ("MESHGATE_MCP_SESSION_KEY", "mcp.session_key"),
     (
         "MESHGATE_NAMESPACING_PREFIX_MODE",
         "namespacing.prefix_mode",
@@ -546,6 +581,7 @@ impl Config {
                     .collect()
             }
             "mcp.json_response" => self.mcp.json_response = parse_bool(key, value)?,
+            "mcp.session_key" => self.mcp.session_key = Some(value.to_owned()),
             "namespacing.prefix_mode" => {
                 self.namespacing.prefix_mode = PrefixMode::parse(value).ok_or_else(|| {
                     invalid(key, value, &format!("allowed: {}", PrefixMode::ALLOWED))
@@ -584,6 +620,33 @@ impl Config {
                 "mcp.max_request_body_bytes",
                 &self.mcp.max_request_body_bytes.to_string(),
                 "must be at least 1024",
+            ));
+        }
+        for (key, secret) in self
+            .mcp
+            .session_key
+            .iter()
+            .map(|k| ("mcp.session_key", k))
+            .chain(
+                self.mcp
+                    .session_previous_keys
+                    .iter()
+                    .map(|k| ("mcp.session_previous_keys", k)),
+            )
+        {
+            if secret.trim().chars().count() < 32 {
+                errors.push(invalid(
+                    key,
+                    "<hidden>",
+                    "must be at least 32 characters (for example the output of `openssl rand -base64 32`)",
+                ));
+            }
+        }
+        if self.mcp.session_ttl_secs == 0 {
+            errors.push(invalid(
+                "mcp.session_ttl_secs",
+                "0",
+                "must be at least 1 (seconds a session lives after its initialize)",
             ));
         }
         if self.mcp.allowed_hosts.is_empty() {

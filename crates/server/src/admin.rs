@@ -346,10 +346,18 @@ async fn cleanup(
         if let Some(ct) = c.closer.get() {
             ct.cancel();
             closed = true;
-        } else if let Some(id) = c.session_id.get() {
+        } else if let Some(id) = c.transport_session_id.get().or(c.session_id.get()) {
             let sid: rmcp::transport::common::server_side_http::SessionId = id.as_str().into();
             closed = s.mcp_sessions.close_session(&sid).await.is_ok();
             let _ = s.gw.store.delete_session(id).await;
+            // The client's sealed id would resume the session: remember it
+            // as ended for as long as any id of it can be valid.
+            let ttl_ms = s.gw.config.mcp.session_ttl_secs.saturating_mul(1000);
+            let until =
+                meshgate_store::now_ms().saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX));
+            if let Err(e) = s.gw.store.end_session(id, until).await {
+                tracing::warn!(error = %e, "could not record a closed session as ended");
+            }
             s.auth.forget_session(id);
         }
         if closed {

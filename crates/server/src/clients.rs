@@ -40,15 +40,23 @@ pub fn totals() -> (u64, u64) {
 pub struct SessionSlot(pub Arc<Mutex<Option<Arc<ClientEntry>>>>);
 
 impl SessionSlot {
-    /// Names the entry left here with the transport session `id`.
-    pub fn bind(&self, id: &str) {
+    /// Names the entry left here with the session id the client sees
+    /// (`public`) and the transport's own id for it (`inner`).
+    pub fn bind(&self, public: &str, inner: &str) {
         if let Ok(slot) = self.0.lock()
             && let Some(entry) = slot.as_ref()
         {
-            let _ = entry.session_id.set(id.to_owned());
+            let _ = entry.session_id.set(public.to_owned());
+            let _ = entry.transport_session_id.set(inner.to_owned());
         }
     }
 }
+
+/// The `Mcp-Session-Id` a Streamable HTTP client presented (the sealed id),
+/// left in the request's extensions by the `/mcp` pre-check, which hands the
+/// transport the inner id.
+#[derive(Clone, Debug)]
+pub struct PublicSessionId(pub String);
 
 /// A connection to an upstream owned by one client session.
 pub struct SessionConn {
@@ -88,8 +96,11 @@ pub struct ClientEntry {
     last_active_ms: AtomicU64,
     requests: AtomicU64,
     errors: AtomicU64,
-    /// The transport's session id (`Mcp-Session-Id`, or the SSE `sessionId`).
+    /// The session id the client uses (`Mcp-Session-Id`, or the SSE `sessionId`).
     pub session_id: OnceLock<String>,
+    /// The transport's own id for the session when it differs from
+    /// `session_id` (Streamable HTTP: the id inside the sealed one).
+    pub transport_session_id: OnceLock<String>,
     /// Who opened it.
     pub owner: OnceLock<Owner>,
     /// Negotiated revision and client name.
@@ -114,6 +125,7 @@ impl ClientEntry {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             session_id: OnceLock::new(),
+            transport_session_id: OnceLock::new(),
             owner: OnceLock::new(),
             client: OnceLock::new(),
             outbox: OnceLock::new(),

@@ -243,12 +243,18 @@ impl GatewayHandler {
     fn bind_session_id(&self, extensions: &rmcp::model::Extensions) {
         let entry = &self.state.entry;
         if entry.session_id.get().is_none()
-            && let Some(id) = extensions
-                .get::<http::request::Parts>()
-                .and_then(|p| p.headers.get("mcp-session-id"))
+            && let Some(parts) = extensions.get::<http::request::Parts>()
+            && let Some(inner) = parts
+                .headers
+                .get("mcp-session-id")
                 .and_then(|v| v.to_str().ok())
         {
-            let _ = entry.session_id.set(id.to_owned());
+            let public = parts
+                .extensions
+                .get::<crate::clients::PublicSessionId>()
+                .map_or(inner, |p| p.0.as_str());
+            let _ = entry.session_id.set(public.to_owned());
+            let _ = entry.transport_session_id.set(inner.to_owned());
         }
     }
 

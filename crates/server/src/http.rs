@@ -17,7 +17,9 @@ use axum::{Json, Router};
 use meshgate_protocol::{ProtocolRevision, check_envelope};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
-use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::transport::streamable_http_server::{
+    SessionManager, StreamableHttpServerConfig, StreamableHttpService,
+};
 use serde_json::{Value, json};
 use tracing::Instrument;
 
@@ -25,7 +27,8 @@ use crate::auth::{Auth, RequestPrincipal, TraceId};
 use crate::gateway::Gateway;
 use crate::handler::GatewayHandler;
 use crate::legacy::{self, LegacySessions};
-use crate::sessions::StoreSessions;
+use crate::session_token::SessionSealer;
+use crate::sessions::{RestoreHints, StoreSessions};
 use crate::upstream::UpstreamStatus;
 
 /// Shared state of the HTTP handlers.
@@ -41,6 +44,10 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// Streamable HTTP sessions of this process.
     pub mcp_sessions: Arc<LocalSessionManager>,
+    /// Seals and opens `Mcp-Session-Id`s.
+    pub sealer: Arc<SessionSealer>,
+    /// `initialize` parameters of sessions being resumed.
+    pub restore_hints: Arc<RestoreHints>,
 }
 
 /// A JSON-RPC error response with the HTTP status that goes with it.
@@ -99,19 +106,40 @@ fn check_protocol_header(req: &Request) -> Result<(), Response> {
     Ok(())
 }
 
-async fn mcp_precheck(
-    State((limit, auth, gw)): State<(usize, Arc<Auth>, Arc<Gateway>)>,
-    req: Request,
-    next: Next,
-) -> Response {
+/// What the `/mcp` pre-check needs.
+#[derive(Clone)]
+struct Precheck {
+    limit: usize,
+    gw: Arc<Gateway>,
+    sealer: Arc<SessionSealer>,
+    hints: Arc<RestoreHints>,
+    sessions: Arc<LocalSessionManager>,
+}
+
+/// A 404 for a session id that cannot be used, saying why and what to do.
+fn session_refused(kind: &'static str, message: String) -> Response {
+    metrics::counter!("gateway_session_ids_refused_total", "reason" => kind).increment(1);
+    jsonrpc_error(StatusCode::NOT_FOUND, None, -32001, message)
+}
+
+/// The `initialize` parameters of a request body, if it is an initialize.
+fn initialize_params(body: &[u8]) -> Option<rmcp::model::InitializeRequestParams> {
+    #[derive(serde::Deserialize)]
+    struct Req {
+        method: String,
+        params: Option<Value>,
+    }
+    let req: Req = serde_json::from_slice(body).ok()?;
+    (req.method == "initialize")
+        .then_some(req.params)
+        .flatten()
+        .and_then(|p| serde_json::from_value(p).ok())
+}
+
+async fn mcp_precheck(State(pc): State<Precheck>, mut req: Request, next: Next) -> Response {
     if let Err(r) = check_protocol_header(&req) {
         return r;
     }
-    let session = req
-        .headers()
-        .get("mcp-session-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
     let principal = req
         .extensions()
         .get::<RequestPrincipal>()
@@ -124,34 +152,86 @@ async fn mcp_precheck(
             "internal: the request reached /mcp without an authenticated principal".into(),
         );
     };
-    // A session belongs to whoever opened it: anyone else gets the same 404
-    // as for a session that does not exist.
-    if let Some(id) = &session
-        && auth.enabled()
-        && !auth.session_owned_by(id, &principal).await
-    {
-        metrics::counter!("gateway_errors_total", "type" => "session_not_owned").increment(1);
-        return explain_transport_error(
-            (StatusCode::NOT_FOUND, "Session not found").into_response(),
-            Some(id),
-        )
-        .await;
+    // The client's session id is a sealed token: open it, check it belongs
+    // to the caller, and hand rmcp the inner id. A session this process
+    // does not hold is resumed from the token's `initialize` parameters.
+    let mut claims = None;
+    let mut _hint = None;
+    if let Some(v) = req.headers().get("mcp-session-id") {
+        let presented = v.to_str().unwrap_or("").to_owned();
+        let c = match pc.sealer.open(&presented, crate::upstream::unix_now()) {
+            Ok(c) => c,
+            Err(e) => return session_refused(e.kind(), e.to_string()),
+        };
+        // A session belongs to whoever opened it: anyone else gets the same
+        // answer as for a session that does not exist.
+        if c.ten != principal.tenant || c.sub != principal.subject {
+            metrics::counter!("gateway_errors_total", "type" => "session_not_owned").increment(1);
+            return session_refused(
+                "not_owned",
+                "session not found: it expired, was ended with DELETE, or never existed; send a new initialize without Mcp-Session-Id".into(),
+            );
+        }
+        let held = pc
+            .sessions
+            .has_session(&c.sid.clone().into())
+            .await
+            .unwrap_or(false);
+        if !held {
+            match pc.gw.store.session_ended(&c.sid).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    return session_refused(
+                        "ended",
+                        "this session was ended (with DELETE, or closed by an operator); send a new initialize without Mcp-Session-Id".into(),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not check whether a session was ended");
+                    return jsonrpc_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        None,
+                        -32603,
+                        "the gateway's store is unavailable, so the session cannot be resumed; retry shortly".into(),
+                    );
+                }
+            }
+            _hint = Some(pc.hints.place(&c.sid, c.init.clone()));
+        }
+        req.extensions_mut()
+            .insert(crate::clients::PublicSessionId(presented));
+        match HeaderValue::from_str(&c.sid) {
+            Ok(inner) => {
+                req.headers_mut().insert("mcp-session-id", inner);
+            }
+            Err(_) => {
+                return session_refused(
+                    "malformed",
+                    crate::session_token::SessionIdError::Malformed.to_string(),
+                );
+            }
+        }
+        claims = Some(c);
     }
     let deleting = req.method() == Method::DELETE;
     let slot = crate::clients::SessionSlot::default();
+    let mut init = None;
     let resp = if req.method() != Method::POST {
         next.run(req).await
     } else {
         // A POST is in flight until its answer has been written (its SSE
         // stream ends after the response), so the drain on shutdown waits
         // for it rather than cutting it off.
-        let exchange = gw.track_exchange();
+        let exchange = pc.gw.track_exchange();
         let (mut parts, body) = req.into_parts();
-        if session.is_none() {
+        if claims.is_none() {
             parts.extensions.insert(slot.clone());
         }
-        let resp = match read_checked_body(body, limit).await {
+        let resp = match read_checked_body(body, pc.limit).await {
             Ok(bytes) => {
+                if claims.is_none() {
+                    init = initialize_params(&bytes);
+                }
                 next.run(Request::from_parts(parts, Body::from(bytes)))
                     .await
             }
@@ -164,23 +244,59 @@ async fn mcp_precheck(
             }))
         })
     };
-    if session.is_none()
+    let mut resp = resp;
+    if claims.is_none()
         && resp.status().is_success()
         && let Some(id) = resp
             .headers()
             .get("mcp-session-id")
             .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
     {
-        slot.bind(id);
-        auth.remember_session_owner(id, &principal).await;
+        let Some(init) = init else {
+            tracing::error!("a session was opened by a request that is not a parseable initialize");
+            return jsonrpc_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                None,
+                -32603,
+                "internal: a session was opened without initialize parameters".into(),
+            );
+        };
+        let c = pc.sealer.claims(
+            &id,
+            &principal.tenant,
+            &principal.subject,
+            init,
+            crate::upstream::unix_now(),
+        );
+        match pc.sealer.seal(&c).map(|t| HeaderValue::from_str(&t)) {
+            Ok(Ok(token)) => {
+                slot.bind(token.to_str().unwrap_or_default(), &id);
+                resp.headers_mut().insert("mcp-session-id", token);
+            }
+            Ok(Err(_)) | Err(_) => {
+                tracing::error!("could not seal a session id");
+                let _ = pc.sessions.close_session(&id.into()).await;
+                return jsonrpc_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    None,
+                    -32603,
+                    "internal: could not seal the session id; retry initialize".into(),
+                );
+            }
+        }
     }
     if deleting
         && resp.status().is_success()
-        && let Some(id) = &session
+        && let Some(c) = &claims
     {
-        auth.forget_session(id);
+        let until = (c.exp as i64).saturating_mul(1000);
+        if let Err(e) = pc.gw.store.end_session(&c.sid, until).await {
+            tracing::warn!(error = %e, "could not record an ended session; its id stays usable after a restart");
+        }
     }
-    explain_transport_error(resp, session.as_deref()).await
+    let shown = claims.as_ref().map(|c| c.sid.as_str());
+    explain_transport_error(resp, shown).await
 }
 
 /// Turns the transport's plain-text 4xx answers into JSON-RPC errors that say
@@ -258,7 +374,10 @@ pub fn router(state: AppState) -> Router {
     } else {
         mcp_config.with_allowed_hosts(cfg.allowed_hosts.clone())
     };
-    mcp_config.session_store = Some(Arc::new(StoreSessions::new(gw.store.clone())));
+    mcp_config.session_store = Some(Arc::new(StoreSessions::new(
+        gw.store.clone(),
+        state.restore_hints.clone(),
+    )));
     let factory_gw = gw.clone();
     let factory_auth = state.auth.clone();
     let mcp = StreamableHttpService::new(
@@ -277,7 +396,13 @@ pub fn router(state: AppState) -> Router {
         Router::new()
             .route_service("/mcp", mcp)
             .layer(middleware::from_fn_with_state(
-                (limit, state.auth.clone(), gw.clone()),
+                Precheck {
+                    limit,
+                    gw: gw.clone(),
+                    sealer: state.sealer.clone(),
+                    hints: state.restore_hints.clone(),
+                    sessions: state.mcp_sessions.clone(),
+                },
                 mcp_precheck,
             ));
     let auth = state.auth.clone();

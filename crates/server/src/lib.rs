@@ -23,4 +23,5 @@ pub mod origin;
 pub mod outbox;
 pub mod resilience;
 pub mod serve;
+pub mod session_token;
 pub mod sessions;

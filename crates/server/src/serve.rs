@@ -81,6 +81,10 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
     let store: Arc<dyn Store> = Arc::new(sqlite);
     let shutdown = CancellationToken::new();
     let auth = Auth::start(&config, store.clone(), shutdown.clone()).await?;
+    let sealer = Arc::new(
+        crate::session_token::SessionSealer::from_config(&config.mcp, &config.data_dir)
+            .context("cannot set up the session key (mcp.session_key)")?,
+    );
     if auth.enabled() {
         if let Some(key) = bootstrap_admin_key(store.as_ref(), &config.data_dir).await? {
             // Printed once, on purpose, to stdout (logs go to stderr): this
@@ -111,6 +115,8 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
         legacy: Arc::new(LegacySessions::default()),
         auth,
         mcp_sessions: Arc::default(),
+        sealer,
+        restore_hints: Arc::default(),
     });
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -300,6 +300,12 @@ pub trait Store: Send + Sync + 'static {
     async fn set_session_owner(&self, id: &str, tenant: &str, subject: &str) -> StoreResult<()>;
     /// The tenant and subject that opened a session.
     async fn session_owner(&self, id: &str) -> StoreResult<Option<(String, String)>>;
+
+    /// Remembers that session `id` was ended, until `expires_at` (unix ms);
+    /// also forgets ended sessions whose time has passed.
+    async fn end_session(&self, id: &str, expires_at: i64) -> StoreResult<()>;
+    /// Whether session `id` was ended (and its record has not expired).
+    async fn session_ended(&self, id: &str) -> StoreResult<bool>;
 }
 
 /// Current time in unix milliseconds.

@@ -37,6 +37,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "state",
         sql: include_str!("../migrations/sqlite/0004_state.sql"),
     },
+    Migration {
+        version: 5,
+        name: "ended_sessions",
+        sql: include_str!("../migrations/sqlite/0005_ended_sessions.sql"),
+    },
 ];
 
 /// Applies every migration newer than the database's version.

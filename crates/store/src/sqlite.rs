@@ -581,6 +581,34 @@ impl Store for SqliteStore {
                 .await?,
         )
     }
+
+    async fn end_session(&self, id: &str, expires_at: i64) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM ended_sessions WHERE expires_at < ?")
+            .bind(crate::now_ms())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO ended_sessions (id, expires_at) VALUES (?, ?)
+             ON CONFLICT(id) DO UPDATE SET expires_at = MAX(expires_at, excluded.expires_at)",
+        )
+        .bind(id)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn session_ended(&self, id: &str) -> StoreResult<bool> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM ended_sessions WHERE id = ? AND expires_at >= ?")
+                .bind(id)
+                .bind(crate::now_ms())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.is_some())
+    }
 }
 
 #[cfg(test)]
@@ -669,10 +697,10 @@ mod tests {
         let dir = temp_dir("wal");
         let store = SqliteStore::open(&dir).await.unwrap();
         assert_eq!(store.journal_mode().await.unwrap(), "wal");
-        assert_eq!(store.schema_version().await.unwrap(), 4);
+        assert_eq!(store.schema_version().await.unwrap(), 5);
         drop(store);
         let again = SqliteStore::open(&dir).await.unwrap();
-        assert_eq!(again.schema_version().await.unwrap(), 4);
+        assert_eq!(again.schema_version().await.unwrap(), 5);
         assert!(dir.join("meshgate.db").exists());
     }
 
@@ -695,7 +723,7 @@ mod tests {
         .unwrap();
         pool.close().await;
         let store = SqliteStore::open(&dir).await.unwrap();
-        assert_eq!(store.schema_version().await.unwrap(), 4);
+        assert_eq!(store.schema_version().await.unwrap(), 5);
         store.put_session(&session("s", 1)).await.unwrap();
         store.set_session_owner("s", "t", "k").await.unwrap();
         assert_eq!(store.count_api_keys().await.unwrap(), 0);
@@ -1130,6 +1158,32 @@ mod tests {
             .unwrap();
         let newest = store.query_audit(&AuditQuery::default()).await.unwrap();
         assert_eq!(newest[0].id, 11);
+    }
+
+    #[tokio::test]
+    async fn ended_sessions_are_remembered_until_they_expire() {
+        let dir = temp_dir("ended");
+        let store = SqliteStore::open(&dir).await.unwrap();
+        assert!(!store.session_ended("s1").await.unwrap());
+        let later = crate::now_ms() + 60_000;
+        store.end_session("s1", later).await.unwrap();
+        store.end_session("old", crate::now_ms() - 1).await.unwrap();
+        assert!(store.session_ended("s1").await.unwrap());
+        assert!(
+            !store.session_ended("old").await.unwrap(),
+            "past its expiry"
+        );
+        assert!(!store.session_ended("s2").await.unwrap());
+        // Survives a reopen; writing purges expired rows.
+        drop(store);
+        let store = SqliteStore::open(&dir).await.unwrap();
+        assert!(store.session_ended("s1").await.unwrap());
+        store.end_session("s3", later).await.unwrap();
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ended_sessions")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(left, 2, "the expired row is purged");
     }
 
     #[tokio::test]

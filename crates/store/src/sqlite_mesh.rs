@@ -1051,7 +1051,7 @@ mod tests {
         drop(store);
 
         let store = open(&dir).await;
-        assert_eq!(store.schema_version().await.unwrap(), 4);
+        assert_eq!(store.schema_version().await.unwrap(), 5);
         assert_eq!(store.get_task("t-1").await.unwrap(), Some(stored(&t, 1)));
         assert_eq!(store.get_task("t-2").await.unwrap(), Some(stored(&done, 2)));
         assert_eq!(ids(&store.open_tasks().await.unwrap()), ["t-1"]);

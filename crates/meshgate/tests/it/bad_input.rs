@@ -135,7 +135,8 @@ async fn request_with_unknown_session_id_is_404() {
     assert_eq!(status, 404);
     let (_, message) = error_of(&body);
     assert!(
-        message.contains("not-a-session") && message.contains("initialize"),
+        message.contains("not a session id issued by this gateway")
+            && message.contains("initialize"),
         "{body}"
     );
     assert_still_serves(&env.gw).await;

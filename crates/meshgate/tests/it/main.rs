@@ -18,5 +18,6 @@ mod mesh_durability;
 mod operations;
 mod origin;
 mod resilience;
+mod sessions;
 mod streamable;
 mod support;
