@@ -127,6 +127,13 @@ pub struct McpConfig {
     pub session_previous_keys: Vec<String>,
     /// Lifetime of a Streamable HTTP session from its `initialize`, in seconds.
     pub session_ttl_secs: u64,
+    /// Unacknowledged server-to-client messages kept per session for a
+    /// client that resumes (`Last-Event-ID`), at most this many...
+    pub resume_buffer_messages: usize,
+    /// ...and this many bytes...
+    pub resume_buffer_bytes: usize,
+    /// ...and none older than this, in seconds.
+    pub resume_buffer_age_secs: u64,
 }
 
 fn mask_secret<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -160,6 +167,9 @@ impl Default for McpConfig {
             session_key_file: None,
             session_previous_keys: Vec::new(),
             session_ttl_secs: 86_400,
+            resume_buffer_messages: 1_000,
+            resume_buffer_bytes: 8 * 1024 * 1024,
+            resume_buffer_age_secs: 300,
         }
     }
 }
@@ -483,7 +493,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
 ];
 
 /// Variables the binary itself reads (not configuration keys).
-pub const ENV_VARS_CLI: &[&str] = &["MESHGATE_CONFIG"];
+/// (`MESHGATE_KEY` is the client-side key of `meshgate stdio` and of the
+/// docs' examples: a shell that exports it can still start the gateway.)
+pub const ENV_VARS_CLI: &[&str] = &["MESHGATE_CONFIG", "MESHGATE_KEY"];
 
 fn invalid(key: &str, value: &str, allowed: &str) -> ConfigError {
     ConfigError::Invalid {
@@ -641,6 +653,16 @@ impl Config {
                     "must be at least 32 characters (for example the output of `openssl rand -base64 32`)",
                 ));
             }
+        }
+        if self.mcp.resume_buffer_messages == 0 || self.mcp.resume_buffer_bytes < 1024 {
+            errors.push(invalid(
+                "mcp.resume_buffer_messages",
+                &format!(
+                    "{} messages, {} bytes",
+                    self.mcp.resume_buffer_messages, self.mcp.resume_buffer_bytes
+                ),
+                "keep at least 1 message and 1024 bytes (mcp.resume_buffer_bytes) per session",
+            ));
         }
         if self.mcp.session_ttl_secs == 0 {
             errors.push(invalid(

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use meshgate_core::{Config, LogFormat};
 
 mod frame_cmd;
+mod stdio_bridge;
 
 /// MCP gateway and agent mesh in one binary.
 #[derive(Parser)]
@@ -37,6 +38,8 @@ enum Command {
         #[command(subcommand)]
         command: frame_cmd::FrameCommand,
     },
+    /// Relay MCP between stdin/stdout (for clients that only speak stdio) and a remote gateway.
+    Stdio(stdio_bridge::StdioArgs),
 }
 
 #[derive(Subcommand)]
@@ -246,6 +249,7 @@ fn main() -> ExitCode {
         }
         Command::Keys { command } => runtime().and_then(|rt| rt.block_on(keys(command))),
         Command::Frame { command } => return frame_cmd::run(command),
+        Command::Stdio(args) => stdio_bridge::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -297,7 +297,22 @@ async fn stats(State(s): State<AppState>, who: Caller) -> Response {
 async fn client_health(State(s): State<AppState>, Path(id): Path<String>, who: Caller) -> Response {
     let reach = Reach::of(&who);
     match s.gw.clients.find(&id).filter(|c| reach.client(c)) {
-        Some(c) => Json(c.to_json(&s.gw).await).into_response(),
+        Some(c) => {
+            let mut v = c.to_json(&s.gw).await;
+            if let Some(inner) = c.transport_session_id.get()
+                && let Some(obj) = v.as_object_mut()
+            {
+                obj.insert(
+                    "last_event_id".into(),
+                    json!(s.mcp_sessions.last_seq(&inner.clone().into())),
+                );
+                obj.insert(
+                    "transport_events".into(),
+                    json!(s.mcp_sessions.events(inner)),
+                );
+            }
+            Json(v).into_response()
+        }
         None => error(
             StatusCode::NOT_FOUND,
             "not_found",

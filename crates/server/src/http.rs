@@ -16,7 +16,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use meshgate_protocol::{ProtocolRevision, check_envelope};
 use metrics_exporter_prometheus::PrometheusHandle;
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{
     SessionManager, StreamableHttpServerConfig, StreamableHttpService,
 };
@@ -27,6 +26,7 @@ use crate::auth::{Auth, RequestPrincipal, TraceId};
 use crate::gateway::Gateway;
 use crate::handler::GatewayHandler;
 use crate::legacy::{self, LegacySessions};
+use crate::resume::SequencedSessions;
 use crate::session_token::SessionSealer;
 use crate::sessions::{RestoreHints, StoreSessions};
 use crate::upstream::UpstreamStatus;
@@ -43,7 +43,7 @@ pub struct AppState {
     /// Authentication, authorization and audit.
     pub auth: Arc<Auth>,
     /// Streamable HTTP sessions of this process.
-    pub mcp_sessions: Arc<LocalSessionManager>,
+    pub mcp_sessions: Arc<SequencedSessions>,
     /// Seals and opens `Mcp-Session-Id`s.
     pub sealer: Arc<SessionSealer>,
     /// `initialize` parameters of sessions being resumed.
@@ -113,13 +113,62 @@ struct Precheck {
     gw: Arc<Gateway>,
     sealer: Arc<SessionSealer>,
     hints: Arc<RestoreHints>,
-    sessions: Arc<LocalSessionManager>,
+    sessions: Arc<SequencedSessions>,
 }
 
 /// A 404 for a session id that cannot be used, saying why and what to do.
-fn session_refused(kind: &'static str, message: String) -> Response {
+pub(crate) fn session_refused(kind: &'static str, message: String) -> Response {
     metrics::counter!("gateway_session_ids_refused_total", "reason" => kind).increment(1);
     jsonrpc_error(StatusCode::NOT_FOUND, None, -32001, message)
+}
+
+/// Opens a presented sealed session id and checks it may be used by
+/// `principal`: authentic, not expired, opened by the same principal, and
+/// not ended. Returns the claims and whether this process holds the session.
+pub(crate) async fn admit_session(
+    sealer: &SessionSealer,
+    gw: &Gateway,
+    sessions: &SequencedSessions,
+    principal: &meshgate_core::Principal,
+    presented: &str,
+) -> Result<(crate::session_token::SessionClaims, bool), Response> {
+    let c = sealer
+        .open(presented, crate::upstream::unix_now())
+        .map_err(|e| session_refused(e.kind(), e.to_string()))?;
+    // A session belongs to whoever opened it: anyone else gets the same
+    // answer as for a session that does not exist.
+    if c.ten != principal.tenant || c.sub != principal.subject {
+        metrics::counter!("gateway_errors_total", "type" => "session_not_owned").increment(1);
+        return Err(session_refused(
+            "not_owned",
+            "session not found: it expired, was ended with DELETE, or never existed; send a new initialize without Mcp-Session-Id".into(),
+        ));
+    }
+    let held = sessions
+        .has_session(&c.sid.clone().into())
+        .await
+        .unwrap_or(false);
+    if !held {
+        match gw.store.session_ended(&c.sid).await {
+            Ok(false) => {}
+            Ok(true) => {
+                return Err(session_refused(
+                    "ended",
+                    "this session was ended (with DELETE, or closed by an operator); send a new initialize without Mcp-Session-Id".into(),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check whether a session was ended");
+                return Err(jsonrpc_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    None,
+                    -32603,
+                    "the gateway's store is unavailable, so the session cannot be resumed; retry shortly".into(),
+                ));
+            }
+        }
+    }
+    Ok((c, held))
 }
 
 /// The `initialize` parameters of a request body, if it is an initialize.
@@ -159,43 +208,12 @@ async fn mcp_precheck(State(pc): State<Precheck>, mut req: Request, next: Next) 
     let mut _hint = None;
     if let Some(v) = req.headers().get("mcp-session-id") {
         let presented = v.to_str().unwrap_or("").to_owned();
-        let c = match pc.sealer.open(&presented, crate::upstream::unix_now()) {
-            Ok(c) => c,
-            Err(e) => return session_refused(e.kind(), e.to_string()),
-        };
-        // A session belongs to whoever opened it: anyone else gets the same
-        // answer as for a session that does not exist.
-        if c.ten != principal.tenant || c.sub != principal.subject {
-            metrics::counter!("gateway_errors_total", "type" => "session_not_owned").increment(1);
-            return session_refused(
-                "not_owned",
-                "session not found: it expired, was ended with DELETE, or never existed; send a new initialize without Mcp-Session-Id".into(),
-            );
-        }
-        let held = pc
-            .sessions
-            .has_session(&c.sid.clone().into())
-            .await
-            .unwrap_or(false);
+        let (c, held) =
+            match admit_session(&pc.sealer, &pc.gw, &pc.sessions, &principal, &presented).await {
+                Ok(admitted) => admitted,
+                Err(r) => return r,
+            };
         if !held {
-            match pc.gw.store.session_ended(&c.sid).await {
-                Ok(false) => {}
-                Ok(true) => {
-                    return session_refused(
-                        "ended",
-                        "this session was ended (with DELETE, or closed by an operator); send a new initialize without Mcp-Session-Id".into(),
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not check whether a session was ended");
-                    return jsonrpc_error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        None,
-                        -32603,
-                        "the gateway's store is unavailable, so the session cannot be resumed; retry shortly".into(),
-                    );
-                }
-            }
             _hint = Some(pc.hints.place(&c.sid, c.init.clone()));
         }
         req.extensions_mut()

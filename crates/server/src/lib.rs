@@ -22,6 +22,7 @@ pub mod mesh;
 pub mod origin;
 pub mod outbox;
 pub mod resilience;
+pub mod resume;
 pub mod serve;
 pub mod session_token;
 pub mod sessions;

@@ -1,40 +1,59 @@
 //! `/mcp/ws`: MCP over WebSocket. The same JSON-RPC messages as Streamable
-//! HTTP, one per text frame, for one MCP session per connection (the
-//! connection is the session). Subprotocol `mcp` is accepted when offered.
+//! HTTP, one per text frame. Subprotocol `mcp` is accepted when offered.
+//!
+//! A WebSocket drives the same sessions as Streamable HTTP
+//! ([`crate::resume::SequencedSessions`]): `initialize` on a fresh
+//! connection opens a session whose sealed id comes back in the result's
+//! `_meta["meshgate.io/sessionId"]`; a connection that presents that id
+//! (`Mcp-Session-Id`, with `Last-Event-ID` for the last sequence number seen)
+//! continues the session, as can a Streamable HTTP client, whichever
+//! transport it started on. Every message after `initialize` carries its
+//! sequence number in `_meta["meshgate.io/seq"]`.
 //!
 //! The reader checks each frame (JSON-RPC envelope, then the MCP message
 //! types) and answers a bad one with a JSON-RPC error on the same
-//! connection; good ones go to a `GatewayHandler` served by rmcp over a
-//! channel pair, as the legacy SSE transport does. The writer sends the
-//! handler's messages, pings every `mcp.ws_ping_interval_secs`, and closes
-//! with 1000 (the session ended), 1001 (the gateway shuts down), 1008
-//! (silence past `mcp.ws_pong_timeout_secs`, a frame over
-//! `mcp.max_request_body_bytes`) or 1011 (the session could not start).
+//! connection. The writer sends the session's messages, pings every
+//! `mcp.ws_ping_interval_secs`, and closes with 1000 (the session ended),
+//! 1001 (the gateway shuts down), 1008 (silence past
+//! `mcp.ws_pong_timeout_secs`, a frame over `mcp.max_request_body_bytes`) or
+//! 1011 (the session could not start or resume). A close frame with code
+//! 1000 (or none) from the client ends the session, like `DELETE`; any other
+//! end of the connection leaves it open for a resumption.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
+use meshgate_core::Principal;
 use meshgate_protocol::check_envelope;
 use meshgate_store::{SessionRecord, now_ms};
-use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
+use rmcp::model::{ClientJsonRpcMessage, ClientRequest, JsonRpcMessage};
 use rmcp::service::serve_server_with_ct;
+use rmcp::transport::streamable_http_server::SessionManager;
+use rmcp::transport::streamable_http_server::session::{
+    RestoreOutcome, ServerSseMessage, SessionId,
+};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio_util::sync::{CancellationToken, PollSender};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
-use crate::auth::RequestPrincipal;
+use crate::auth::{RequestPrincipal, TraceId};
+use crate::clients::{PublicSessionId, SessionSlot};
 use crate::handler::GatewayHandler;
-use crate::http::{AppState, jsonrpc_error};
+use crate::http::{AppState, admit_session, jsonrpc_error};
+use crate::resume::{SequencedSessions, Via, with_seq};
+use crate::session_token::SessionClaims;
+
+/// The `_meta` key of the sealed session id in the `initialize` result.
+pub const SESSION_META: &str = "meshgate.io/sessionId";
 
 /// The WebSocket subprotocol of MCP.
 pub const SUBPROTOCOL: &str = "mcp";
-/// Messages queued each way.
-const QUEUE: usize = 256;
 
 /// What the writer sends besides the handler's messages.
 enum Control {
@@ -42,6 +61,8 @@ enum Control {
     Text(String),
     /// Close with this code and reason, then stop.
     Close(u16, String),
+    /// The session's messages, from now on.
+    Attach(mpsc::Receiver<ServerSseMessage>),
 }
 
 fn rpc_error(id: Option<Value>, code: i32, message: String) -> String {
@@ -49,11 +70,30 @@ fn rpc_error(id: Option<Value>, code: i32, message: String) -> String {
         .to_string()
 }
 
+/// Query parameters of the upgrade (for clients that cannot set headers).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ResumeQuery {
+    /// The sealed session id to continue.
+    session: Option<String>,
+    /// The last sequence number received.
+    last_event_id: Option<String>,
+}
+
+/// A session this connection continues.
+struct Resuming {
+    claims: SessionClaims,
+    token: String,
+    held: bool,
+    after: Option<u64>,
+}
+
 /// `GET /mcp/ws`.
 pub async fn upgrade(
     State(state): State<AppState>,
     principal: Option<axum::Extension<RequestPrincipal>>,
+    trace: Option<axum::Extension<TraceId>>,
     headers: HeaderMap,
+    Query(query): Query<ResumeQuery>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if let Err(r) = crate::legacy::host_allowed(&state, &headers) {
@@ -75,6 +115,52 @@ pub async fn upgrade(
             "the gateway is shutting down and opens no new sessions; connect to another instance or retry after it restarts".into(),
         );
     }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let presented = header("mcp-session-id").or(query.session);
+    let last = header("last-event-id").or(query.last_event_id);
+    let resuming = match presented {
+        None => None,
+        Some(token) => {
+            let (claims, held) = match admit_session(
+                &state.sealer,
+                &state.gw,
+                &state.mcp_sessions,
+                &principal,
+                &token,
+            )
+            .await
+            {
+                Ok(a) => a,
+                Err(r) => return r,
+            };
+            let after = match last.as_deref().map(|l| l.trim().parse::<u64>()) {
+                None => None,
+                Some(Ok(n)) => Some(n),
+                Some(Err(_)) => {
+                    return jsonrpc_error(
+                        StatusCode::BAD_REQUEST,
+                        None,
+                        -32600,
+                        format!(
+                            "Last-Event-ID `{}` is not a sequence number of this gateway; send the last `_meta[\"meshgate.io/seq\"]` (or SSE event id) received, or omit it",
+                            last.unwrap_or_default().chars().take(64).collect::<String>()
+                        ),
+                    );
+                }
+            };
+            Some(Resuming {
+                claims,
+                token,
+                held,
+                after,
+            })
+        }
+    };
     let ws = match ws {
         Ok(ws) => ws,
         Err(e) => {
@@ -88,83 +174,213 @@ pub async fn upgrade(
             );
         }
     };
+    let parts = base_parts(&headers, &principal, trace.map(|axum::Extension(t)| t));
     let limit = state.gw.config.mcp.max_request_body_bytes;
     ws.protocols([SUBPROTOCOL])
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| run(state, principal, socket))
+        .on_upgrade(move |socket| run(state, principal, parts, resuming, socket))
         .into_response()
+}
+
+/// What the session handler reads from each message's HTTP parts: the
+/// principal, the trace id and the headers of the upgrade.
+fn base_parts(
+    headers: &HeaderMap,
+    principal: &Arc<Principal>,
+    trace: Option<TraceId>,
+) -> http::request::Parts {
+    let mut req = http::Request::new(());
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = http::Uri::from_static("/mcp");
+    *req.headers_mut() = headers.clone();
+    req.extensions_mut()
+        .insert(RequestPrincipal(principal.clone()));
+    if let Some(t) = trace {
+        req.extensions_mut().insert(t);
+    }
+    req.into_parts().0
+}
+
+/// Names the session in `parts`: the inner id in the header, the sealed one
+/// as the public id.
+fn name_session(parts: &mut http::request::Parts, sid: &str, token: &str) {
+    if let Ok(v) = HeaderValue::from_str(sid) {
+        parts.headers.insert("mcp-session-id", v);
+    }
+    parts.extensions.insert(PublicSessionId(token.to_owned()));
+}
+
+/// Serves a session's handler on its transport until the session ends.
+fn spawn_service(
+    sessions: Arc<SequencedSessions>,
+    sid: SessionId,
+    handler: GatewayHandler,
+    transport: <SequencedSessions as SessionManager>::Transport,
+    ct: CancellationToken,
+    ready: Option<oneshot::Sender<()>>,
+) {
+    tokio::spawn(async move {
+        match serve_server_with_ct(handler, transport, ct).await {
+            Ok(running) => {
+                if let Some(r) = ready {
+                    let _ = r.send(());
+                }
+                let _ = running.waiting().await;
+            }
+            Err(e) => tracing::info!(session = %sid, error = %e, "MCP session ended before initialize"),
+        }
+        let _ = sessions.close_session(&sid).await;
+    });
+}
+
+/// Brings a session this process does not hold back from its claims, by
+/// replaying its `initialize` (as Streamable HTTP does).
+async fn restore(
+    state: &AppState,
+    claims: &SessionClaims,
+    parts: &http::request::Parts,
+) -> Result<(), String> {
+    let sid: SessionId = claims.sid.clone().into();
+    let transport = match state.mcp_sessions.restore_session(sid.clone()).await {
+        Ok(RestoreOutcome::Restored(t)) => t,
+        Ok(RestoreOutcome::AlreadyPresent) => return Ok(()),
+        Ok(_) => return Err("the session manager cannot restore sessions".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let handler = GatewayHandler::new(state.gw.clone(), state.auth.clone(), "websocket");
+    let (ready_tx, ready_rx) = oneshot::channel();
+    spawn_service(
+        state.mcp_sessions.clone(),
+        sid.clone(),
+        handler,
+        transport,
+        state.gw.shutdown.child_token(),
+        Some(ready_tx),
+    );
+    let mut init: ClientJsonRpcMessage = serde_json::from_value(json!({
+        "jsonrpc": "2.0", "id": 0, "method": "initialize", "params": claims.init,
+    }))
+    .map_err(|e| format!("the session's initialize parameters do not parse: {e}"))?;
+    init.insert_extension(parts.clone());
+    state
+        .mcp_sessions
+        .initialize_session(&sid, init)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut initialized: ClientJsonRpcMessage = serde_json::from_value(
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .map_err(|e| e.to_string())?;
+    initialized.insert_extension(parts.clone());
+    state
+        .mcp_sessions
+        .accept_message(&sid, initialized)
+        .await
+        .map_err(|e| e.to_string())?;
+    ready_rx
+        .await
+        .map_err(|_| "the session handler did not start".to_owned())
+}
+
+/// Opens a new session with the client's `initialize`; returns the session
+/// id, its sealed id, and the answer to send (with the sealed id in `_meta`).
+async fn open(
+    state: &AppState,
+    principal: &Principal,
+    parts: &http::request::Parts,
+    mut message: ClientJsonRpcMessage,
+) -> Result<(SessionId, SessionClaims, String, Value), String> {
+    let JsonRpcMessage::Request(req) = &message else {
+        return Err("not a request".into());
+    };
+    let ClientRequest::InitializeRequest(init) = &req.request else {
+        return Err("not initialize".into());
+    };
+    let params = init.params.clone();
+    let (sid, transport) = state
+        .mcp_sessions
+        .create_session()
+        .await
+        .map_err(|e| e.to_string())?;
+    let handler = GatewayHandler::new(state.gw.clone(), state.auth.clone(), "websocket");
+    spawn_service(
+        state.mcp_sessions.clone(),
+        sid.clone(),
+        handler,
+        transport,
+        state.gw.shutdown.child_token(),
+        None,
+    );
+    let slot = SessionSlot::default();
+    let mut p = parts.clone();
+    p.extensions.insert(slot.clone());
+    message.insert_extension(p);
+    let answer = state
+        .mcp_sessions
+        .initialize_session(&sid, message)
+        .await
+        .map_err(|e| e.to_string())?;
+    let claims = state.sealer.claims(
+        &sid,
+        &principal.tenant,
+        &principal.subject,
+        params.clone(),
+        crate::upstream::unix_now(),
+    );
+    let token = state.sealer.seal(&claims)?;
+    slot.bind(&token, &sid);
+    let mut answer = serde_json::to_value(&answer).map_err(|e| e.to_string())?;
+    if let Some(result) = answer.get_mut("result").and_then(Value::as_object_mut) {
+        let meta = result.entry("_meta").or_insert_with(|| json!({}));
+        if let Some(m) = meta.as_object_mut() {
+            m.insert(SESSION_META.into(), json!(token));
+        }
+    }
+    let now = now_ms();
+    let record = SessionRecord {
+        id: sid.to_string(),
+        transport: "websocket".into(),
+        protocol_version: params.protocol_version.to_string(),
+        client_name: params.client_info.name.clone(),
+        client_version: params.client_info.version.clone(),
+        state: json!({}),
+        created_at: now,
+        last_seen_at: now,
+    };
+    if let Err(e) = state.gw.store.put_session(&record).await {
+        tracing::warn!(error = %e, "could not record the WebSocket session");
+    }
+    Ok((sid, claims, token, answer))
+}
+
+/// The session a connection drives, once known.
+struct Bound {
+    sid: SessionId,
+    claims: SessionClaims,
+    att: u64,
 }
 
 async fn run(
     state: AppState,
-    principal: std::sync::Arc<meshgate_core::Principal>,
+    principal: Arc<Principal>,
+    mut parts: http::request::Parts,
+    resuming: Option<Resuming>,
     socket: WebSocket,
 ) {
     let cfg = &state.gw.config.mcp;
     let limit = cfg.max_request_body_bytes;
     let ping_every = Duration::from_secs(cfg.ws_ping_interval_secs.max(1));
     let silence = Duration::from_secs(cfg.ws_pong_timeout_secs.max(2));
-    let id = format!("ws-{}", uuid::Uuid::new_v4().simple());
-    let (in_tx, in_rx) = mpsc::channel::<ClientJsonRpcMessage>(QUEUE);
-    let (out_tx, mut out_rx) = mpsc::channel::<ServerJsonRpcMessage>(QUEUE);
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Control>();
     let ct = state.gw.shutdown.child_token();
-    let session_ct = CancellationToken::new();
-    let handler = GatewayHandler::new(state.gw.clone(), state.auth.clone(), "websocket")
-        .with_principal(principal.clone())
-        .with_session(&id, session_ct.clone());
-    state.auth.remember_session_owner(&id, &principal).await;
-
-    // The MCP session, served over the channel pair.
-    let gw = state.gw.clone();
-    let auth = state.auth.clone();
-    let service_ct = session_ct.clone();
-    let session_id = id.clone();
-    let ctl = ctl_tx.clone();
-    let service = tokio::spawn(async move {
-        let mut in_rx = in_rx;
-        let transport = (
-            PollSender::new(out_tx),
-            futures::stream::poll_fn(move |cx| in_rx.poll_recv(cx)),
-        );
-        match serve_server_with_ct(handler, transport, service_ct).await {
-            Ok(running) => {
-                if let Some(info) = running.peer().peer_info() {
-                    let now = now_ms();
-                    let record = SessionRecord {
-                        id: session_id.clone(),
-                        transport: "websocket".into(),
-                        protocol_version: info.protocol_version.to_string(),
-                        client_name: info.client_info.name.clone(),
-                        client_version: info.client_info.version.clone(),
-                        state: json!({}),
-                        created_at: now,
-                        last_seen_at: now,
-                    };
-                    if let Err(e) = gw.store.put_session(&record).await {
-                        tracing::warn!(error = %e, "could not record the WebSocket session");
-                    }
-                }
-                let _ = running.waiting().await;
-                let _ = gw.store.delete_session(&session_id).await;
-            }
-            Err(e) => {
-                tracing::info!(session = %session_id, error = %e, "MCP WebSocket session ended before initialize");
-                let _ = ctl.send(Control::Close(
-                    1011,
-                    "the MCP session could not start; send initialize first".into(),
-                ));
-            }
-        }
-        auth.forget_session(&session_id);
-    });
-
     let (mut sink, mut stream) = socket.split();
+
     let writer_ct = ct.clone();
     let writer = tokio::spawn(async move {
         let mut ping = tokio::time::interval(ping_every);
         ping.tick().await;
+        let mut session: Option<mpsc::Receiver<ServerSseMessage>> = None;
         loop {
             let (frame, last) = tokio::select! {
                 // The transport's own messages (a close) go first.
@@ -172,13 +388,14 @@ async fn run(
                 c = ctl_rx.recv() => match c {
                     Some(Control::Text(t)) => (Message::Text(t.into()), false),
                     Some(Control::Close(code, reason)) => (Message::Close(Some(CloseFrame { code, reason: reason.into() })), true),
+                    Some(Control::Attach(rx)) => { session = Some(rx); continue; }
                     None => break,
                 },
-                m = out_rx.recv() => match m {
-                    Some(m) => match serde_json::to_string(&m) {
-                        Ok(text) => (Message::Text(text.into()), false),
-                        Err(e) => (Message::Text(rpc_error(None, -32603, format!("meshgate could not encode a message: {e}")).into()), false),
-                    },
+                m = async { match session.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => match m {
+                    Some(ev) => {
+                        let Some(message) = ev.message else { continue };
+                        (Message::Text(with_seq(&message, ev.event_id.as_deref()).to_string().into()), false)
+                    }
                     // The session ended: a normal close.
                     None => (Message::Close(Some(CloseFrame { code: 1000, reason: "MCP session ended".into() })), true),
                 },
@@ -194,6 +411,42 @@ async fn run(
         }
         let _ = sink.close().await;
     });
+
+    let mut bound: Option<Bound> = None;
+    if let Some(r) = resuming {
+        name_session(&mut parts, &r.claims.sid, &r.token);
+        let restored = if r.held {
+            Ok(())
+        } else {
+            restore(&state, &r.claims, &parts).await
+        };
+        let sid: SessionId = r.claims.sid.clone().into();
+        let attached = match restored {
+            Ok(()) => state
+                .mcp_sessions
+                .attach_fallback(&sid, Via::WebSocket, r.after)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match attached {
+            Ok((att, rx)) => {
+                let _ = ctl_tx.send(Control::Attach(rx));
+                bound = Some(Bound {
+                    sid,
+                    claims: r.claims,
+                    att,
+                });
+            }
+            Err(e) => {
+                tracing::info!(session = %sid, error = %e, "could not resume an MCP session over WebSocket");
+                let _ = ctl_tx.send(Control::Close(
+                    1011,
+                    "the MCP session could not be resumed; connect without Mcp-Session-Id and initialize".into(),
+                ));
+            }
+        }
+    }
 
     let mut heard = tokio::time::Instant::now();
     let mut check = tokio::time::interval(Duration::from_secs(1));
@@ -215,16 +468,55 @@ async fn run(
                             let _ = ctl_tx.send(Control::Text(answer));
                             continue;
                         }
-                        match serde_json::from_str::<ClientJsonRpcMessage>(t.as_str()) {
-                            Ok(m) => {
-                                if in_tx.send(m).await.is_err() {
-                                    break "session ended";
-                                }
-                            }
+                        let mut m = match serde_json::from_str::<ClientJsonRpcMessage>(t.as_str()) {
+                            Ok(m) => m,
                             Err(e) => {
                                 let id = serde_json::from_str::<Value>(t.as_str()).ok().and_then(|v| v.get("id").cloned());
                                 let _ = ctl_tx.send(Control::Text(rpc_error(id, -32600, format!("not an MCP message: {e}"))));
+                                continue;
                             }
+                        };
+                        let Some(b) = &bound else {
+                            // No session yet: the first request must be initialize.
+                            let id = serde_json::from_str::<Value>(t.as_str()).ok().and_then(|v| v.get("id").cloned());
+                            match open(&state, &principal, &parts, m).await {
+                                Ok((sid, claims, token, answer)) => {
+                                    name_session(&mut parts, &sid, &token);
+                                    let _ = ctl_tx.send(Control::Text(answer.to_string()));
+                                    match state.mcp_sessions.attach_fallback(&sid, Via::WebSocket, None).await {
+                                        Ok((att, rx)) => {
+                                            let _ = ctl_tx.send(Control::Attach(rx));
+                                            bound = Some(Bound { sid, claims, att });
+                                        }
+                                        Err(e) => {
+                                            tracing::warn!(error = %e, "could not attach a new WebSocket session");
+                                            let _ = ctl_tx.send(Control::Close(1011, "the MCP session could not start; reconnect and initialize again".into()));
+                                            break "could not attach";
+                                        }
+                                    }
+                                }
+                                Err(e) if e == "not a request" || e == "not initialize" => {
+                                    let _ = ctl_tx.send(Control::Text(rpc_error(id, -32600,
+                                        "no session yet: send initialize first (or connect with Mcp-Session-Id to continue a session)".into())));
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "could not open an MCP session over WebSocket");
+                                    let _ = ctl_tx.send(Control::Close(1011, "the MCP session could not start; send initialize first".into()));
+                                    break "could not open";
+                                }
+                            }
+                            continue;
+                        };
+                        m.insert_extension(parts.clone());
+                        let sent = if matches!(m, JsonRpcMessage::Request(_)) {
+                            state.mcp_sessions.submit(&b.sid, m, b.att).await
+                        } else {
+                            state.mcp_sessions.accept_message(&b.sid, m).await
+                        };
+                        if let Err(e) = sent {
+                            tracing::debug!(session = %b.sid, error = %e, "message for an ended session");
+                            let _ = ctl_tx.send(Control::Close(1000, "MCP session ended; connect without Mcp-Session-Id and initialize".into()));
+                            break "session ended";
                         }
                     }
                     Some(Ok(Message::Binary(_))) => {
@@ -232,7 +524,12 @@ async fn run(
                             "binary frames are not used on /mcp/ws; send each JSON-RPC message in a text frame".into())));
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Ok(Message::Close(_))) => break "closed by the client",
+                    Some(Ok(Message::Close(frame))) => {
+                        break match frame.map(|f| f.code) {
+                            None | Some(1000) => "ended by the client",
+                            Some(_) => "closed by the client",
+                        };
+                    }
                 }
             }
             _ = check.tick() => {
@@ -245,7 +542,20 @@ async fn run(
             _ = ct.cancelled() => break "shutting down",
         }
     };
-    tracing::debug!(session = %id, why, "MCP WebSocket connection ended");
+    tracing::debug!(why, "MCP WebSocket connection ended");
+    if let Some(b) = &bound {
+        state.mcp_sessions.detach(&b.sid, b.att);
+        if why == "ended by the client" {
+            // A normal close ends the session, like DELETE.
+            let _ = state.mcp_sessions.close_session(&b.sid).await;
+            let until = (b.claims.exp as i64).saturating_mul(1000);
+            if let Err(e) = state.gw.store.end_session(&b.sid, until).await {
+                tracing::warn!(error = %e, "could not record an ended session");
+            }
+            let _ = state.gw.store.delete_session(&b.sid).await;
+            let _ = ctl_tx.send(Control::Close(1000, "MCP session ended".into()));
+        }
+    }
     if matches!(why, "silent" | "read failed" | "shutting down") {
         // The gateway closed: read on until the client's close answer (or
         // 2 s), so the close frame is not lost to a reset connection.
@@ -258,10 +568,8 @@ async fn run(
         })
         .await;
     }
-    drop(in_tx);
-    session_ct.cancel();
+    drop(ctl_tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), service).await;
 }
 
 /// Checks one frame's JSON-RPC envelope; `Err` holds the error answer.

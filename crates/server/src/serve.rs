@@ -114,7 +114,14 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
         metrics,
         legacy: Arc::new(LegacySessions::default()),
         auth,
-        mcp_sessions: Arc::default(),
+        mcp_sessions: Arc::new(crate::resume::SequencedSessions::new(
+            Default::default(),
+            Arc::new(crate::resume::MemoryBuffer::new(crate::resume::BufferLimits {
+                messages: gw.config.mcp.resume_buffer_messages,
+                bytes: gw.config.mcp.resume_buffer_bytes,
+                max_age: Duration::from_secs(gw.config.mcp.resume_buffer_age_secs),
+            })),
+        )),
         sealer,
         restore_hints: Arc::default(),
     });

@@ -1,12 +1,13 @@
 //! Integration tests of the `meshgate` binary: real gateway processes in front
 //! of real upstream MCP servers (the `meshgate-fixture` binary over HTTP and
 //! stdio, and the official server-everything), driven by the rmcp client and
-//! by plain HTTP.
+//! by plain HTTP; `meshgate stdio` is driven by the Python SDK's stdio client.
 
 mod auth;
 mod bad_input;
 mod drain;
 mod everything;
+mod failover;
 mod federation;
 mod frame_cli;
 mod legacy_sse;
@@ -19,5 +20,6 @@ mod operations;
 mod origin;
 mod resilience;
 mod sessions;
+mod stdio_bridge;
 mod streamable;
 mod support;

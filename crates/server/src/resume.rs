@@ -1,0 +1,748 @@
+//! Per-session sequencing and transport failover.
+//!
+//! [`SequencedSessions`] wraps rmcp's in-memory session manager and is the
+//! one place every server-to-client message of a session passes through, on
+//! every transport: Streamable HTTP (`/mcp`) and WebSocket (`/mcp/ws`, which
+//! drives the same sessions). Each message gets the session's next sequence
+//! number (the SSE event id on HTTP, `_meta["meshgate.io/seq"]` on
+//! WebSocket) and is kept in a bounded [`ResumeBuffer`] until acknowledged.
+//!
+//! Messages go to an *attachment*: the POST stream of the request they
+//! belong to, a WebSocket connection, or the session's *fallback* (the
+//! newest `GET` stream or WebSocket). The streams of the inner session
+//! manager are pumped by tasks of their own, so a dropped connection never
+//! stops them: what its attachment can no longer take goes to the fallback,
+//! or stays in the buffer. A client that lost a connection attaches again
+//! with the last sequence number it saw (`Last-Event-ID` on a `GET`, or on
+//! the WebSocket upgrade) and receives, in order, every later message that
+//! no live attachment received, then the live flow: each message once.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
+use rmcp::transport::streamable_http_server::SessionManager;
+use rmcp::transport::streamable_http_server::session::local::{
+    LocalSessionManager, LocalSessionManagerError,
+};
+use rmcp::transport::streamable_http_server::session::{
+    EventStore, RestoreOutcome, ServerSseMessage, SessionId,
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// The `_meta` key carrying a message's sequence number on WebSocket.
+pub const SEQ_META: &str = "meshgate.io/seq";
+/// Transport switches and resumptions kept per session for its trace.
+const MAX_EVENTS: usize = 32;
+/// Messages queued toward one attachment; a consumer that reads no faster
+/// holds the session's streams back (and so its outbound queue degrades).
+const ATTACHMENT_QUEUE: usize = 64;
+
+/// Bounds of the per-session buffer of unacknowledged messages.
+#[derive(Debug, Clone, Copy)]
+pub struct BufferLimits {
+    /// Messages kept per session.
+    pub messages: usize,
+    /// Bytes (serialized) kept per session.
+    pub bytes: usize,
+    /// Age after which a message is dropped.
+    pub max_age: Duration,
+}
+
+/// What a resumption replays.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Messages after the client's cursor, oldest first.
+    pub messages: Vec<(u64, Arc<ServerJsonRpcMessage>)>,
+    /// Sequence numbers after the cursor that the buffer no longer holds
+    /// (dropped by its limits): first and last.
+    pub lost: Option<(u64, u64)>,
+}
+
+/// Storage of unacknowledged messages per session. In memory by default;
+/// a shared implementation (Redis) lets another process replay them.
+pub trait ResumeBuffer: Send + Sync + 'static {
+    /// Keeps message `seq` of `session`.
+    fn push(&self, session: &str, seq: u64, message: Arc<ServerJsonRpcMessage>, bytes: usize);
+    /// Messages of `session` after `seq`, and what was lost after it.
+    fn after(&self, session: &str, seq: u64) -> Replay;
+    /// Drops messages of `session` up to and including `seq`.
+    fn ack(&self, session: &str, seq: u64);
+    /// Forgets `session`.
+    fn forget(&self, session: &str);
+}
+
+struct Held {
+    seq: u64,
+    at: Instant,
+    bytes: usize,
+    message: Arc<ServerJsonRpcMessage>,
+}
+
+#[derive(Default)]
+struct SessionBuffer {
+    held: VecDeque<Held>,
+    bytes: usize,
+    /// Highest sequence number dropped by the limits (not acknowledged).
+    dropped_upto: u64,
+    acked: u64,
+}
+
+/// The in-memory [`ResumeBuffer`].
+pub struct MemoryBuffer {
+    limits: BufferLimits,
+    sessions: Mutex<HashMap<String, SessionBuffer>>,
+}
+
+impl MemoryBuffer {
+    /// An empty buffer with `limits`.
+    pub fn new(limits: BufferLimits) -> MemoryBuffer {
+        MemoryBuffer {
+            limits,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl SessionBuffer {
+    fn trim(&mut self, limits: &BufferLimits, now: Instant) {
+        while let Some(front) = self.held.front() {
+            let over = self.held.len() > limits.messages
+                || self.bytes > limits.bytes
+                || now.duration_since(front.at) > limits.max_age;
+            if !over {
+                break;
+            }
+            if let Some(h) = self.held.pop_front() {
+                self.bytes -= h.bytes;
+                self.dropped_upto = self.dropped_upto.max(h.seq);
+                metrics::counter!("gateway_resume_buffer_dropped_total").increment(1);
+            }
+        }
+    }
+}
+
+impl ResumeBuffer for MemoryBuffer {
+    fn push(&self, session: &str, seq: u64, message: Arc<ServerJsonRpcMessage>, bytes: usize) {
+        let Ok(mut all) = self.sessions.lock() else {
+            return;
+        };
+        let b = all.entry(session.to_owned()).or_default();
+        b.held.push_back(Held {
+            seq,
+            at: Instant::now(),
+            bytes,
+            message,
+        });
+        b.bytes += bytes;
+        b.trim(&self.limits, Instant::now());
+    }
+
+    fn after(&self, session: &str, seq: u64) -> Replay {
+        let Ok(mut all) = self.sessions.lock() else {
+            return Replay::default();
+        };
+        let Some(b) = all.get_mut(session) else {
+            return Replay::default();
+        };
+        b.trim(&self.limits, Instant::now());
+        let lost = (b.dropped_upto > seq.max(b.acked)).then_some((seq + 1, b.dropped_upto));
+        Replay {
+            messages: b
+                .held
+                .iter()
+                .filter(|h| h.seq > seq)
+                .map(|h| (h.seq, h.message.clone()))
+                .collect(),
+            lost,
+        }
+    }
+
+    fn ack(&self, session: &str, seq: u64) {
+        let Ok(mut all) = self.sessions.lock() else {
+            return;
+        };
+        if let Some(b) = all.get_mut(session) {
+            b.acked = b.acked.max(seq);
+            while b.held.front().is_some_and(|h| h.seq <= seq) {
+                if let Some(h) = b.held.pop_front() {
+                    b.bytes -= h.bytes;
+                }
+            }
+        }
+    }
+
+    fn forget(&self, session: &str) {
+        if let Ok(mut all) = self.sessions.lock() {
+            all.remove(session);
+        }
+    }
+}
+
+/// Which transport an attachment is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A Streamable HTTP response stream (POST or GET).
+    Http,
+    /// A `/mcp/ws` connection.
+    WebSocket,
+}
+
+impl Via {
+    fn label(self) -> &'static str {
+        match self {
+            Via::Http => "streamable_http",
+            Via::WebSocket => "websocket",
+        }
+    }
+}
+
+struct Attachment {
+    tx: mpsc::Sender<ServerSseMessage>,
+    via: Via,
+}
+
+#[derive(Default)]
+struct LogState {
+    last_seq: u64,
+    attachments: HashMap<u64, Attachment>,
+    fallback: Option<u64>,
+    standalone: bool,
+    /// Which attachment each buffered message went to (`None`: none).
+    delivered: BTreeMap<u64, Option<u64>>,
+    last_via: Option<Via>,
+    events: VecDeque<Value>,
+}
+
+impl LogState {
+    fn alive(&self, att: u64) -> bool {
+        self.attachments.get(&att).is_some_and(|a| !a.tx.is_closed())
+    }
+
+    fn target(&self, origin: Option<u64>) -> Option<u64> {
+        origin
+            .filter(|o| self.alive(*o))
+            .or(self.fallback.filter(|f| self.alive(*f)))
+    }
+
+    fn event(&mut self, event: Value) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
+    }
+}
+
+struct SessionLog {
+    state: Mutex<LogState>,
+}
+
+/// Errors of [`SequencedSessions`].
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    /// From the inner session manager.
+    #[error(transparent)]
+    Local(#[from] LocalSessionManagerError),
+    /// `Last-Event-ID` that is not one of ours.
+    #[error(
+        "Last-Event-ID `{0}` is not an event id of this gateway (a decimal sequence number from an SSE `id:` or `_meta[\"meshgate.io/seq\"]`)"
+    )]
+    BadEventId(String),
+    /// The session has no log (closed).
+    #[error("session `{0}` not found")]
+    NotFound(SessionId),
+}
+
+/// rmcp's [`LocalSessionManager`] with per-session sequencing, a resume
+/// buffer and attachments (see the module documentation).
+pub struct SequencedSessions {
+    inner: Arc<LocalSessionManager>,
+    logs: RwLock<HashMap<SessionId, Arc<SessionLog>>>,
+    buffer: Arc<dyn ResumeBuffer>,
+    next_attachment: AtomicU64,
+}
+
+impl SequencedSessions {
+    /// Over `inner`, keeping unacknowledged messages in `buffer`.
+    pub fn new(inner: LocalSessionManager, buffer: Arc<dyn ResumeBuffer>) -> SequencedSessions {
+        SequencedSessions {
+            inner: Arc::new(inner),
+            logs: RwLock::new(HashMap::new()),
+            buffer,
+            next_attachment: AtomicU64::new(1),
+        }
+    }
+
+    fn log(&self, id: &SessionId) -> Option<Arc<SessionLog>> {
+        self.logs.read().ok().and_then(|m| m.get(id).cloned())
+    }
+
+    fn log_or_new(&self, id: &SessionId) -> Arc<SessionLog> {
+        if let Some(l) = self.log(id) {
+            return l;
+        }
+        let fresh = Arc::new(SessionLog {
+            state: Mutex::new(LogState::default()),
+        });
+        match self.logs.write() {
+            Ok(mut m) => m.entry(id.clone()).or_insert(fresh).clone(),
+            Err(_) => fresh,
+        }
+    }
+
+    /// Transport switches and resumptions of session `id`, oldest first.
+    pub fn events(&self, id: &str) -> Vec<Value> {
+        self.log(&id.to_owned().into())
+            .and_then(|l| l.state.lock().ok().map(|s| s.events.iter().cloned().collect()))
+            .unwrap_or_default()
+    }
+
+    /// The sequence number of the last message sent in session `id`.
+    pub fn last_seq(&self, id: &SessionId) -> Option<u64> {
+        self.log(id)
+            .and_then(|l| l.state.lock().ok().map(|s| s.last_seq))
+    }
+
+    /// Starts pumping the inner standalone stream (server-initiated
+    /// messages) of `id` once; its messages go to the fallback.
+    async fn ensure_standalone(
+        &self,
+        id: &SessionId,
+        log: &Arc<SessionLog>,
+    ) -> Result<(), ResumeError> {
+        let start = match log.state.lock() {
+            Ok(mut s) if !s.standalone => {
+                s.standalone = true;
+                true
+            }
+            _ => false,
+        };
+        if start {
+            match self.inner.create_standalone_stream(id).await {
+                Ok(stream) => self.pump(id.clone(), log.clone(), stream, None),
+                Err(e) => {
+                    if let Ok(mut s) = log.state.lock() {
+                        s.standalone = false;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pump(
+        &self,
+        id: SessionId,
+        log: Arc<SessionLog>,
+        stream: impl Stream<Item = ServerSseMessage> + Send + 'static,
+        origin: Option<u64>,
+    ) {
+        let buffer = self.buffer.clone();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(mut ev) = stream.next().await {
+                let Some(message) = ev.message.clone() else {
+                    // A priming event: the cursor so far, on its own stream.
+                    if let Ok(s) = log.state.lock()
+                        && let Some(o) = origin.filter(|o| s.alive(*o))
+                        && let Some(a) = s.attachments.get(&o)
+                    {
+                        ev.event_id = Some(s.last_seq.to_string());
+                        let _ = a.tx.try_send(ev);
+                    }
+                    continue;
+                };
+                // Room at the target first, outside the lock (this is where
+                // a slow reader holds the streams back); then number, keep
+                // and send at once under it, so each attachment receives
+                // its messages in sequence order.
+                let mut permit = None;
+                for _ in 0..4 {
+                    let target = match log.state.lock() {
+                        Ok(s) => s
+                            .target(origin)
+                            .and_then(|t| s.attachments.get(&t).map(|a| (t, a.tx.clone()))),
+                        Err(_) => None,
+                    };
+                    let Some((t, tx)) = target else { break };
+                    if let Ok(p) = tx.reserve_owned().await {
+                        permit = Some((t, p));
+                        break;
+                    }
+                }
+                let Ok(mut s) = log.state.lock() else {
+                    break;
+                };
+                s.last_seq += 1;
+                let seq = s.last_seq;
+                ev.event_id = Some(seq.to_string());
+                let bytes = serde_json::to_vec(&*message).map_or(0, |v| v.len());
+                buffer.push(&id, seq, message, bytes);
+                s.delivered.insert(seq, permit.as_ref().map(|(t, _)| *t));
+                while s.delivered.len() > 65_536 {
+                    s.delivered.pop_first();
+                }
+                if let Some((_, p)) = permit {
+                    p.send(ev);
+                }
+            }
+            // The inner stream ended: a POST stream's attachment ends with it.
+            if let Some(o) = origin
+                && let Ok(mut s) = log.state.lock()
+                && s.attachments.get(&o).is_some_and(|a| a.via == Via::Http)
+                && s.fallback != Some(o)
+            {
+                s.attachments.remove(&o);
+            }
+        });
+    }
+
+    fn attach(&self, log: &SessionLog, via: Via) -> (u64, mpsc::Receiver<ServerSseMessage>) {
+        let (tx, rx) = mpsc::channel(ATTACHMENT_QUEUE);
+        let att = self.next_attachment.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut s) = log.state.lock() {
+            s.attachments.insert(att, Attachment { tx, via });
+        }
+        (att, rx)
+    }
+
+    /// Makes a new attachment over `via` the fallback of session `id` and
+    /// replays what the client missed after `after` (its last seen sequence
+    /// number; `None`: only what was never sent anywhere).
+    pub async fn attach_fallback(
+        &self,
+        id: &SessionId,
+        via: Via,
+        after: Option<u64>,
+    ) -> Result<(u64, mpsc::Receiver<ServerSseMessage>), ResumeError> {
+        if !self.inner.has_session(id).await? {
+            return Err(ResumeError::NotFound(id.clone()));
+        }
+        let log = self.log_or_new(id);
+        self.ensure_standalone(id, &log).await?;
+        let att = self.next_attachment.fetch_add(1, Ordering::Relaxed);
+        let Ok(mut s) = log.state.lock() else {
+            return Err(ResumeError::NotFound(id.clone()));
+        };
+        let cursor = after.unwrap_or(0);
+        if cursor > s.last_seq {
+            // A cursor from before a restart: numbering continues above it.
+            s.last_seq = cursor;
+        }
+        let replay = self.buffer.after(id, cursor);
+        // Room for the whole replay, so it is queued at once under the lock.
+        let (tx, rx) = mpsc::channel(ATTACHMENT_QUEUE + replay.messages.len() + 1);
+        let mut replayed = 0u64;
+        if let Some((from, to)) = replay.lost {
+            let warning = json!({
+                "jsonrpc": "2.0",
+                "method": "notifications/message",
+                "params": {"level": "warning", "logger": "meshgate", "data": {
+                    "error": "messages_lost",
+                    "message": format!("messages {from}..={to} of this session were dropped from the gateway's resume buffer (mcp.resume_buffer_* limits) before this client resumed; state that depends on them must be fetched again"),
+                    "first": from, "last": to,
+                }},
+            });
+            if let Ok(m) = serde_json::from_value::<ServerJsonRpcMessage>(warning) {
+                let _ = tx.try_send(ServerSseMessage::new(cursor.to_string(), m));
+            }
+        }
+        for (seq, message) in replay.messages {
+            let went_to = s.delivered.get(&seq).copied().flatten();
+            let received_elsewhere = match (after, went_to) {
+                // With a cursor: skip only what a live attachment has.
+                (Some(_), Some(a)) => s.alive(a),
+                (Some(_), None) => false,
+                // Without one: only what never went anywhere.
+                (None, w) => w.is_some(),
+            };
+            if received_elsewhere {
+                continue;
+            }
+            replayed += 1;
+            s.delivered.insert(seq, Some(att));
+            let _ = tx.try_send(ServerSseMessage::new(
+                seq.to_string(),
+                (*message).clone(),
+            ));
+        }
+        if after.is_some() {
+            self.buffer.ack(id, cursor);
+        }
+        s.attachments.insert(att, Attachment { tx, via });
+        s.fallback = Some(att);
+        let switched = s.last_via.is_some_and(|v| v != via);
+        if after.is_some() || switched {
+            let event = json!({
+                "at_unix_ms": meshgate_store::now_ms(),
+                "event": if switched { "transport_switch" } else { "resume" },
+                "from": s.last_via.map(Via::label),
+                "to": via.label(),
+                "last_event_id": after,
+                "replayed": replayed,
+                "lost": replay.lost.map(|(a, b)| b - a + 1).unwrap_or(0),
+            });
+            s.event(event);
+            metrics::counter!("gateway_session_resumes_total", "transport" => via.label(), "switch" => if switched { "true" } else { "false" }).increment(1);
+            metrics::counter!("gateway_session_replayed_messages_total").increment(replayed);
+        }
+        s.last_via = Some(via);
+        Ok((att, rx))
+    }
+
+    /// Sends `message` (a request) into session `id`; what it produces goes
+    /// to attachment `att`.
+    pub async fn submit(
+        &self,
+        id: &SessionId,
+        message: ClientJsonRpcMessage,
+        att: u64,
+    ) -> Result<(), ResumeError> {
+        let log = self.log(id).ok_or_else(|| ResumeError::NotFound(id.clone()))?;
+        let stream = self.inner.create_stream(id, message).await?;
+        self.pump(id.clone(), log, stream, Some(att));
+        Ok(())
+    }
+
+    /// Removes attachment `att` of session `id` (its connection ended).
+    pub fn detach(&self, id: &SessionId, att: u64) {
+        if let Some(log) = self.log(id)
+            && let Ok(mut s) = log.state.lock()
+        {
+            s.attachments.remove(&att);
+            if s.fallback == Some(att) {
+                s.fallback = None;
+            }
+        }
+    }
+}
+
+fn parse_cursor(last_event_id: &str) -> Result<u64, ResumeError> {
+    last_event_id
+        .trim()
+        .parse()
+        .map_err(|_| ResumeError::BadEventId(last_event_id.chars().take(64).collect()))
+}
+
+impl SessionManager for SequencedSessions {
+    type Error = ResumeError;
+    type Transport = <LocalSessionManager as SessionManager>::Transport;
+
+    async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
+        let (id, transport) = self.inner.create_session().await?;
+        self.log_or_new(&id);
+        Ok((id, transport))
+    }
+
+    async fn initialize_session(
+        &self,
+        id: &SessionId,
+        message: ClientJsonRpcMessage,
+    ) -> Result<ServerJsonRpcMessage, Self::Error> {
+        Ok(self.inner.initialize_session(id, message).await?)
+    }
+
+    async fn has_session(&self, id: &SessionId) -> Result<bool, Self::Error> {
+        Ok(self.inner.has_session(id).await?)
+    }
+
+    async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
+        let r = self.inner.close_session(id).await;
+        if let Ok(mut m) = self.logs.write() {
+            m.remove(id);
+        }
+        self.buffer.forget(id);
+        Ok(r?)
+    }
+
+    async fn create_stream(
+        &self,
+        id: &SessionId,
+        message: ClientJsonRpcMessage,
+    ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
+        let log = self.log_or_new(id);
+        let (att, rx) = self.attach(&log, Via::Http);
+        if let Ok(mut s) = log.state.lock() {
+            s.last_via = Some(Via::Http);
+        }
+        match self.inner.create_stream(id, message).await {
+            Ok(stream) => {
+                self.pump(id.clone(), log, stream, Some(att));
+                Ok(ReceiverStream::new(rx))
+            }
+            Err(e) => {
+                self.detach(id, att);
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn accept_message(
+        &self,
+        id: &SessionId,
+        message: ClientJsonRpcMessage,
+    ) -> Result<(), Self::Error> {
+        Ok(self.inner.accept_message(id, message).await?)
+    }
+
+    async fn create_standalone_stream(
+        &self,
+        id: &SessionId,
+    ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
+        let (_, rx) = self.attach_fallback(id, Via::Http, None).await?;
+        Ok(ReceiverStream::new(rx))
+    }
+
+    async fn resume(
+        &self,
+        id: &SessionId,
+        last_event_id: String,
+    ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
+        let cursor = parse_cursor(&last_event_id)?;
+        let (_, rx) = self.attach_fallback(id, Via::Http, Some(cursor)).await?;
+        Ok(ReceiverStream::new(rx))
+    }
+
+    async fn restore_session(
+        &self,
+        id: SessionId,
+    ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
+        let outcome = self.inner.restore_session(id.clone()).await?;
+        if matches!(outcome, RestoreOutcome::Restored(_)) {
+            self.log_or_new(&id);
+        }
+        Ok(outcome)
+    }
+
+    fn event_store(&self) -> Option<Arc<dyn EventStore>> {
+        None
+    }
+}
+
+/// `message` as JSON with its sequence number in `_meta` (WebSocket): in
+/// `result._meta` of a result, `params._meta` of a request or notification,
+/// `error.data._meta` of an error.
+pub fn with_seq(message: &ServerJsonRpcMessage, seq: Option<&str>) -> Value {
+    let mut v = serde_json::to_value(message).unwrap_or(Value::Null);
+    let Some(seq) = seq.and_then(|s| s.parse::<u64>().ok()) else {
+        return v;
+    };
+    let Some(obj) = v.as_object_mut() else {
+        return v;
+    };
+    let holder = if obj.contains_key("result") {
+        obj.get_mut("result")
+    } else if obj.contains_key("method") {
+        Some(obj.entry("params").or_insert_with(|| json!({})))
+    } else if let Some(err) = obj.get_mut("error").and_then(Value::as_object_mut) {
+        let data = err.entry("data").or_insert(Value::Null);
+        if data.is_null() {
+            *data = json!({});
+        }
+        Some(data)
+    } else {
+        None
+    };
+    if let Some(h) = holder.and_then(Value::as_object_mut) {
+        let meta = h.entry("_meta").or_insert_with(|| json!({}));
+        if let Some(m) = meta.as_object_mut() {
+            m.insert(SEQ_META.into(), json!(seq));
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note(n: u64) -> Arc<ServerJsonRpcMessage> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "jsonrpc": "2.0", "method": "notifications/progress",
+                "params": {"progressToken": "t", "progress": n}
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn limits(messages: usize) -> BufferLimits {
+        BufferLimits {
+            messages,
+            bytes: 1 << 20,
+            max_age: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn buffer_replays_after_a_cursor_and_reports_what_its_limits_dropped() {
+        let b = MemoryBuffer::new(limits(3));
+        for seq in 1..=5 {
+            b.push("s", seq, note(seq), 10);
+        }
+        let r = b.after("s", 0);
+        assert_eq!(r.messages.iter().map(|m| m.0).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(r.lost, Some((1, 2)));
+        let r = b.after("s", 3);
+        assert_eq!(r.messages.iter().map(|m| m.0).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(r.lost, None, "nothing after 3 was dropped");
+        b.ack("s", 4);
+        let r = b.after("s", 4);
+        assert_eq!(r.messages.iter().map(|m| m.0).collect::<Vec<_>>(), vec![5]);
+        b.forget("s");
+        assert!(b.after("s", 0).messages.is_empty());
+    }
+
+    #[test]
+    fn buffer_respects_byte_and_age_limits() {
+        let b = MemoryBuffer::new(BufferLimits {
+            messages: 100,
+            bytes: 25,
+            max_age: Duration::from_secs(60),
+        });
+        for seq in 1..=4 {
+            b.push("s", seq, note(seq), 10);
+        }
+        assert_eq!(b.after("s", 0).messages.len(), 2, "25 bytes hold two of ten");
+        let aged = MemoryBuffer::new(BufferLimits {
+            messages: 100,
+            bytes: 1 << 20,
+            max_age: Duration::from_millis(0),
+        });
+        aged.push("s", 1, note(1), 10);
+        std::thread::sleep(Duration::from_millis(2));
+        let r = aged.after("s", 0);
+        assert!(r.messages.is_empty());
+        assert_eq!(r.lost, Some((1, 1)));
+    }
+
+    #[test]
+    fn seq_goes_into_meta_of_every_message_kind() {
+        let n: ServerJsonRpcMessage = serde_json::from_value(json!({
+            "jsonrpc": "2.0", "method": "notifications/tools/list_changed"
+        }))
+        .unwrap();
+        let v = with_seq(&n, Some("7"));
+        assert_eq!(v["params"]["_meta"][SEQ_META], 7, "{v}");
+        let r: ServerJsonRpcMessage = serde_json::from_value(json!({
+            "jsonrpc": "2.0", "id": 1, "result": {"tools": []}
+        }))
+        .unwrap();
+        let v = with_seq(&r, Some("8"));
+        assert_eq!(v["result"]["_meta"][SEQ_META], 8, "{v}");
+        assert_eq!(v["result"]["tools"], json!([]));
+        let e: ServerJsonRpcMessage = serde_json::from_value(json!({
+            "jsonrpc": "2.0", "id": 1, "error": {"code": -32601, "message": "no"}
+        }))
+        .unwrap();
+        let v = with_seq(&e, Some("9"));
+        assert_eq!(v["error"]["data"]["_meta"][SEQ_META], 9, "{v}");
+        assert_eq!(with_seq(&e, None)["error"].get("data"), None);
+    }
+}
