@@ -134,6 +134,9 @@ pub struct McpConfig {
     pub resume_buffer_bytes: usize,
     /// ...and none older than this, in seconds.
     pub resume_buffer_age_secs: u64,
+    /// How long progress notifications from upstream are held to put
+    /// out-of-order arrivals back in order, in milliseconds (0: off).
+    pub reorder_window_ms: u64,
 }
 
 fn mask_secret<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
@@ -170,6 +173,7 @@ impl Default for McpConfig {
             resume_buffer_messages: 1_000,
             resume_buffer_bytes: 8 * 1024 * 1024,
             resume_buffer_age_secs: 300,
+            reorder_window_ms: 20,
         }
     }
 }

@@ -221,7 +221,9 @@ struct LogState {
 
 impl LogState {
     fn alive(&self, att: u64) -> bool {
-        self.attachments.get(&att).is_some_and(|a| !a.tx.is_closed())
+        self.attachments
+            .get(&att)
+            .is_some_and(|a| !a.tx.is_closed())
     }
 
     fn target(&self, origin: Option<u64>) -> Option<u64> {
@@ -265,16 +267,23 @@ pub struct SequencedSessions {
     logs: RwLock<HashMap<SessionId, Arc<SessionLog>>>,
     buffer: Arc<dyn ResumeBuffer>,
     next_attachment: AtomicU64,
+    reorder_window: Duration,
 }
 
 impl SequencedSessions {
-    /// Over `inner`, keeping unacknowledged messages in `buffer`.
-    pub fn new(inner: LocalSessionManager, buffer: Arc<dyn ResumeBuffer>) -> SequencedSessions {
+    /// Over `inner`, keeping unacknowledged messages in `buffer` and
+    /// re-sequencing progress within `reorder_window` (zero: off).
+    pub fn new(
+        inner: LocalSessionManager,
+        buffer: Arc<dyn ResumeBuffer>,
+        reorder_window: Duration,
+    ) -> SequencedSessions {
         SequencedSessions {
             inner: Arc::new(inner),
             logs: RwLock::new(HashMap::new()),
             buffer,
             next_attachment: AtomicU64::new(1),
+            reorder_window,
         }
     }
 
@@ -298,7 +307,12 @@ impl SequencedSessions {
     /// Transport switches and resumptions of session `id`, oldest first.
     pub fn events(&self, id: &str) -> Vec<Value> {
         self.log(&id.to_owned().into())
-            .and_then(|l| l.state.lock().ok().map(|s| s.events.iter().cloned().collect()))
+            .and_then(|l| {
+                l.state
+                    .lock()
+                    .ok()
+                    .map(|s| s.events.iter().cloned().collect())
+            })
             .unwrap_or_default()
     }
 
@@ -344,52 +358,34 @@ impl SequencedSessions {
         origin: Option<u64>,
     ) {
         let buffer = self.buffer.clone();
+        let window = self.reorder_window;
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
-            while let Some(mut ev) = stream.next().await {
-                let Some(message) = ev.message.clone() else {
-                    // A priming event: the cursor so far, on its own stream.
-                    if let Ok(s) = log.state.lock()
-                        && let Some(o) = origin.filter(|o| s.alive(*o))
-                        && let Some(a) = s.attachments.get(&o)
+            let mut reorder = Reorder::new(window);
+            loop {
+                let deadline = reorder.next_deadline();
+                let ready = tokio::select! {
+                    ev = stream.next() => match ev {
+                        Some(ev) => reorder.push(ev, Instant::now()),
+                        None => break,
+                    },
+                    () = sleep_until_opt(deadline) => reorder.due(Instant::now()),
+                };
+                for ev in ready {
+                    if deliver(&id, &log, buffer.as_ref(), origin, ev)
+                        .await
+                        .is_err()
                     {
-                        ev.event_id = Some(s.last_seq.to_string());
-                        let _ = a.tx.try_send(ev);
-                    }
-                    continue;
-                };
-                // Room at the target first, outside the lock (this is where
-                // a slow reader holds the streams back); then number, keep
-                // and send at once under it, so each attachment receives
-                // its messages in sequence order.
-                let mut permit = None;
-                for _ in 0..4 {
-                    let target = match log.state.lock() {
-                        Ok(s) => s
-                            .target(origin)
-                            .and_then(|t| s.attachments.get(&t).map(|a| (t, a.tx.clone()))),
-                        Err(_) => None,
-                    };
-                    let Some((t, tx)) = target else { break };
-                    if let Ok(p) = tx.reserve_owned().await {
-                        permit = Some((t, p));
-                        break;
+                        return;
                     }
                 }
-                let Ok(mut s) = log.state.lock() else {
-                    break;
-                };
-                s.last_seq += 1;
-                let seq = s.last_seq;
-                ev.event_id = Some(seq.to_string());
-                let bytes = serde_json::to_vec(&*message).map_or(0, |v| v.len());
-                buffer.push(&id, seq, message, bytes);
-                s.delivered.insert(seq, permit.as_ref().map(|(t, _)| *t));
-                while s.delivered.len() > 65_536 {
-                    s.delivered.pop_first();
-                }
-                if let Some((_, p)) = permit {
-                    p.send(ev);
+            }
+            for ev in reorder.flush() {
+                if deliver(&id, &log, buffer.as_ref(), origin, ev)
+                    .await
+                    .is_err()
+                {
+                    return;
                 }
             }
             // The inner stream ended: a POST stream's attachment ends with it.
@@ -467,10 +463,7 @@ impl SequencedSessions {
             }
             replayed += 1;
             s.delivered.insert(seq, Some(att));
-            let _ = tx.try_send(ServerSseMessage::new(
-                seq.to_string(),
-                (*message).clone(),
-            ));
+            let _ = tx.try_send(ServerSseMessage::new(seq.to_string(), (*message).clone()));
         }
         if after.is_some() {
             self.buffer.ack(id, cursor);
@@ -504,7 +497,9 @@ impl SequencedSessions {
         message: ClientJsonRpcMessage,
         att: u64,
     ) -> Result<(), ResumeError> {
-        let log = self.log(id).ok_or_else(|| ResumeError::NotFound(id.clone()))?;
+        let log = self
+            .log(id)
+            .ok_or_else(|| ResumeError::NotFound(id.clone()))?;
         let stream = self.inner.create_stream(id, message).await?;
         self.pump(id.clone(), log, stream, Some(att));
         Ok(())
@@ -520,6 +515,184 @@ impl SequencedSessions {
                 s.fallback = None;
             }
         }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Numbers, keeps and sends one message of session `id` that came from the
+/// stream of attachment `origin` (`None`: the standalone stream). `Err` when
+/// the session's state is unusable.
+async fn deliver(
+    id: &SessionId,
+    log: &SessionLog,
+    buffer: &dyn ResumeBuffer,
+    origin: Option<u64>,
+    mut ev: ServerSseMessage,
+) -> Result<(), ()> {
+    let Some(message) = ev.message.clone() else {
+        // A priming event: the cursor so far, on its own stream.
+        if let Ok(s) = log.state.lock()
+            && let Some(o) = origin.filter(|o| s.alive(*o))
+            && let Some(a) = s.attachments.get(&o)
+        {
+            ev.event_id = Some(s.last_seq.to_string());
+            let _ = a.tx.try_send(ev);
+        }
+        return Ok(());
+    };
+    // Room at the target first, outside the lock (this is where a slow
+    // reader holds the streams back); then number, keep and send at once
+    // under it, so each attachment receives its messages in sequence order.
+    let mut permit = None;
+    for _ in 0..4 {
+        let target = match log.state.lock() {
+            Ok(s) => s
+                .target(origin)
+                .and_then(|t| s.attachments.get(&t).map(|a| (t, a.tx.clone()))),
+            Err(_) => None,
+        };
+        let Some((t, tx)) = target else { break };
+        if let Ok(p) = tx.reserve_owned().await {
+            permit = Some((t, p));
+            break;
+        }
+    }
+    let Ok(mut s) = log.state.lock() else {
+        return Err(());
+    };
+    s.last_seq += 1;
+    let seq = s.last_seq;
+    ev.event_id = Some(seq.to_string());
+    let bytes = serde_json::to_vec(&*message).map_or(0, |v| v.len());
+    buffer.push(id, seq, message, bytes);
+    s.delivered.insert(seq, permit.as_ref().map(|(t, _)| *t));
+    while s.delivered.len() > 65_536 {
+        s.delivered.pop_first();
+    }
+    if let Some((_, p)) = permit {
+        p.send(ev);
+    }
+    Ok(())
+}
+
+/// Progress notifications held back at most this many per stream.
+const REORDER_HELD: usize = 64;
+
+/// Re-sequences progress notifications that arrive out of order from
+/// upstream: each is held for the window, and released per progress token
+/// in rising `progress` order (the spec requires progress to rise). One that
+/// arrives after a higher value of its token was released is stale and
+/// dropped (counted). Any other message first releases everything held, so
+/// a result never overtakes its progress.
+struct Reorder {
+    window: Duration,
+    held: Vec<(String, f64, Instant, ServerSseMessage)>,
+    released: HashMap<String, f64>,
+}
+
+fn progress_key(ev: &ServerSseMessage) -> Option<(String, f64)> {
+    let ServerJsonRpcMessage::Notification(n) = ev.message.as_deref()? else {
+        return None;
+    };
+    let rmcp::model::ServerNotification::ProgressNotification(p) = &n.notification else {
+        return None;
+    };
+    let token = serde_json::to_string(&p.params.progress_token).ok()?;
+    Some((token, p.params.progress))
+}
+
+impl Reorder {
+    fn new(window: Duration) -> Reorder {
+        Reorder {
+            window,
+            held: Vec::new(),
+            released: HashMap::new(),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.held.iter().map(|h| h.2).min()
+    }
+
+    fn push(&mut self, ev: ServerSseMessage, now: Instant) -> Vec<ServerSseMessage> {
+        let Some((token, progress)) = progress_key(&ev) else {
+            let mut out = self.flush();
+            out.push(ev);
+            return out;
+        };
+        if self.released.get(&token).is_some_and(|&r| progress <= r) {
+            metrics::counter!("gateway_progress_reordered_total", "action" => "dropped_stale")
+                .increment(1);
+            return Vec::new();
+        }
+        if self.window.is_zero() {
+            self.released.insert(token, progress);
+            return vec![ev];
+        }
+        if self.held.iter().any(|h| h.0 == token && h.1 > progress) {
+            metrics::counter!("gateway_progress_reordered_total", "action" => "resequenced")
+                .increment(1);
+        }
+        self.held.push((token, progress, now + self.window, ev));
+        if self.held.len() > REORDER_HELD {
+            // Full: release the oldest arrival's token up to its value.
+            let (token, progress) = (self.held[0].0.clone(), self.held[0].1);
+            return self.release(|t, p| t == token && p <= progress);
+        }
+        Vec::new()
+    }
+
+    /// Releases what is due at `now` (with the lower values of its token).
+    fn due(&mut self, now: Instant) -> Vec<ServerSseMessage> {
+        let mut upto: HashMap<String, f64> = HashMap::new();
+        for (t, p, d, _) in &self.held {
+            if *d <= now {
+                let e = upto.entry(t.clone()).or_insert(*p);
+                *e = e.max(*p);
+            }
+        }
+        self.release(|t, p| upto.get(t).is_some_and(|&u| p <= u))
+    }
+
+    fn flush(&mut self) -> Vec<ServerSseMessage> {
+        self.release(|_, _| true)
+    }
+
+    fn release(&mut self, pick: impl Fn(&str, f64) -> bool) -> Vec<ServerSseMessage> {
+        let (mut out, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| pick(&h.0, h.1));
+        self.held = keep;
+        // Tokens in order of first arrival, each in rising progress.
+        let mut order: Vec<String> = Vec::new();
+        for h in &out {
+            if !order.contains(&h.0) {
+                order.push(h.0.clone());
+            }
+        }
+        out.sort_by(|a, b| {
+            let ia = order.iter().position(|t| *t == a.0);
+            let ib = order.iter().position(|t| *t == b.0);
+            ia.cmp(&ib).then(a.1.total_cmp(&b.1))
+        });
+        let mut ready = Vec::with_capacity(out.len());
+        for (token, progress, _, ev) in out {
+            let last = self.released.entry(token).or_insert(f64::MIN);
+            if progress <= *last {
+                metrics::counter!("gateway_progress_reordered_total", "action" => "dropped_stale")
+                    .increment(1);
+                continue;
+            }
+            *last = progress;
+            ready.push(ev);
+        }
+        ready
     }
 }
 
@@ -687,10 +860,16 @@ mod tests {
             b.push("s", seq, note(seq), 10);
         }
         let r = b.after("s", 0);
-        assert_eq!(r.messages.iter().map(|m| m.0).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            r.messages.iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         assert_eq!(r.lost, Some((1, 2)));
         let r = b.after("s", 3);
-        assert_eq!(r.messages.iter().map(|m| m.0).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(
+            r.messages.iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
         assert_eq!(r.lost, None, "nothing after 3 was dropped");
         b.ack("s", 4);
         let r = b.after("s", 4);
@@ -709,7 +888,11 @@ mod tests {
         for seq in 1..=4 {
             b.push("s", seq, note(seq), 10);
         }
-        assert_eq!(b.after("s", 0).messages.len(), 2, "25 bytes hold two of ten");
+        assert_eq!(
+            b.after("s", 0).messages.len(),
+            2,
+            "25 bytes hold two of ten"
+        );
         let aged = MemoryBuffer::new(BufferLimits {
             messages: 100,
             bytes: 1 << 20,
@@ -720,6 +903,76 @@ mod tests {
         let r = aged.after("s", 0);
         assert!(r.messages.is_empty());
         assert_eq!(r.lost, Some((1, 1)));
+    }
+
+    fn progress_ev(token: &str, n: u64) -> ServerSseMessage {
+        ServerSseMessage::from_message((*note_with(token, n)).clone())
+    }
+
+    fn note_with(token: &str, n: u64) -> Arc<ServerJsonRpcMessage> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "jsonrpc": "2.0", "method": "notifications/progress",
+                "params": {"progressToken": token, "progress": n}
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn values(evs: &[ServerSseMessage]) -> Vec<(String, u64)> {
+        evs.iter()
+            .filter_map(progress_key)
+            .map(|(t, p)| (t, p as u64))
+            .collect()
+    }
+
+    #[test]
+    fn reorder_resequences_within_the_window_and_drops_stale_progress() {
+        let w = Duration::from_millis(20);
+        let mut r = Reorder::new(w);
+        let t0 = Instant::now();
+        assert!(r.push(progress_ev("a", 2), t0).is_empty(), "held");
+        assert!(r.push(progress_ev("a", 1), t0).is_empty(), "held");
+        assert!(r.push(progress_ev("b", 5), t0).is_empty());
+        assert!(r.due(t0).is_empty(), "nothing due yet");
+        let out = r.due(t0 + w);
+        assert_eq!(
+            values(&out),
+            vec![
+                ("\"a\"".into(), 1),
+                ("\"a\"".into(), 2),
+                ("\"b\"".into(), 5)
+            ]
+        );
+        // Arriving after 2 was released: stale.
+        assert!(r.push(progress_ev("a", 1), t0 + w).is_empty());
+        assert!(r.flush().is_empty(), "the stale one is dropped, not held");
+        // A result releases what is held, first.
+        assert!(r.push(progress_ev("a", 3), t0 + w).is_empty());
+        let result: ServerJsonRpcMessage = serde_json::from_value(json!({
+            "jsonrpc": "2.0", "id": 1, "result": {"content": []}
+        }))
+        .unwrap();
+        let out = r.push(ServerSseMessage::from_message(result), t0 + w);
+        assert_eq!(out.len(), 2);
+        assert_eq!(values(&out[..1]), vec![("\"a\"".into(), 3)]);
+        assert!(progress_key(&out[1]).is_none(), "the result comes last");
+    }
+
+    #[test]
+    fn reorder_with_no_window_passes_through_and_still_drops_stale() {
+        let mut r = Reorder::new(Duration::ZERO);
+        let t = Instant::now();
+        assert_eq!(r.push(progress_ev("a", 2), t).len(), 1);
+        assert!(r.push(progress_ev("a", 1), t).is_empty());
+        assert_eq!(r.push(progress_ev("a", 3), t).len(), 1);
+        let mut bounded = Reorder::new(Duration::from_secs(60));
+        let mut released = 0;
+        for n in 1..=(REORDER_HELD as u64 + 10) {
+            released += bounded.push(progress_ev("x", n), t).len();
+        }
+        assert!(released >= 10, "a full hold releases: {released}");
+        assert!(bounded.held.len() <= REORDER_HELD);
     }
 
     #[test]

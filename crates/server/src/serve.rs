@@ -116,11 +116,14 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
         auth,
         mcp_sessions: Arc::new(crate::resume::SequencedSessions::new(
             Default::default(),
-            Arc::new(crate::resume::MemoryBuffer::new(crate::resume::BufferLimits {
-                messages: gw.config.mcp.resume_buffer_messages,
-                bytes: gw.config.mcp.resume_buffer_bytes,
-                max_age: Duration::from_secs(gw.config.mcp.resume_buffer_age_secs),
-            })),
+            Arc::new(crate::resume::MemoryBuffer::new(
+                crate::resume::BufferLimits {
+                    messages: gw.config.mcp.resume_buffer_messages,
+                    bytes: gw.config.mcp.resume_buffer_bytes,
+                    max_age: Duration::from_secs(gw.config.mcp.resume_buffer_age_secs),
+                },
+            )),
+            Duration::from_millis(gw.config.mcp.reorder_window_ms),
         )),
         sealer,
         restore_hints: Arc::default(),
