@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use meshgate_core::{Catalog, Config, Namer, UpstreamConfig};
 use meshgate_store::Store;
 use rmcp::RoleClient;
-use rmcp::model::{Prompt, Resource, ResourceTemplate, ServerCapabilities, Tool};
+use rmcp::model::{
+    Prompt, Resource, ResourceTemplate, ServerCapabilities, ServerNotification, SubscriptionFilter,
+    Tool,
+};
 use rmcp::service::Peer;
 use tokio::sync::{Mutex as AsyncMutex, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -21,8 +24,8 @@ use crate::clients::Clients;
 use crate::limits::Limiters;
 use crate::resilience::{UpstreamTraffic, mono_now, unit_random};
 use crate::upstream::{
-    InFlight, ListChanged, ListKind, ProgressMap, RelayTarget, UpstreamConnection, UpstreamRelay,
-    UpstreamStatus, connect, unix_now,
+    Era, InFlight, ListChanged, ListKind, ProgressMap, RelayTarget, ResourceUpdate,
+    UpstreamConnection, UpstreamRelay, UpstreamStatus, connect, is_modern_connection, unix_now,
 };
 
 /// What one upstream currently offers, as the upstream names it.
@@ -80,6 +83,9 @@ pub struct Upstream {
     next_worker: std::sync::atomic::AtomicUsize,
     /// Set while a task (re)starts the extra processes.
     starting_workers: AtomicBool,
+    /// The revision era the upstream was found to speak (2026-07-28 or the
+    /// session-based ones), remembered for reconnects.
+    pub era: Era,
 }
 
 /// Reconnection bookkeeping of an upstream whose connection died.
@@ -291,6 +297,188 @@ pub struct Gateway {
     pub inflight: RequestTracker,
     /// The agent mesh, once started (absent when `mesh.enabled = false`).
     pub mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
+    /// Calls of 2026-07-28 clients waiting for the client's input.
+    pub parked: crate::handler::ParkedCalls,
+    /// Upstream resources watched for updates, shared by every watcher.
+    pub watches: ResourceWatches,
+}
+
+/// Upstream resources watched for `notifications/resources/updated` on the
+/// upstreams' shared connections, for `subscriptions/listen` streams of
+/// 2026-07-28 clients and for session clients' `resources/subscribe` of
+/// 2026-07-28 upstreams. The first watcher of a resource subscribes
+/// upstream (`resources/subscribe`, or a `subscriptions/listen` stream of
+/// its own on a 2026-07-28 upstream), the last one to go unsubscribes;
+/// updates are published to every watcher, which picks its own. A shared
+/// connection that is replaced loses its subscriptions: watchers see no
+/// more updates until they watch again.
+pub struct ResourceWatches {
+    /// Every watched update.
+    pub updates: broadcast::Sender<ResourceUpdate>,
+    active: std::sync::Mutex<std::collections::HashMap<ResourceUpdate, Watched>>,
+}
+
+/// One watched upstream resource.
+struct Watched {
+    watchers: usize,
+    /// The listen stream of a 2026-07-28 upstream (ended when aborted).
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl Default for ResourceWatches {
+    fn default() -> Self {
+        ResourceWatches {
+            updates: broadcast::channel(256).0,
+            active: Default::default(),
+        }
+    }
+}
+
+/// Keeps a resource watched until dropped.
+pub struct WatchGuard {
+    gw: Arc<Gateway>,
+    key: ResourceUpdate,
+}
+
+// resources/subscribe is deprecated in 2026-07-28, and how a session-based
+// upstream is watched.
+#[allow(deprecated)]
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        let last = {
+            let Ok(mut active) = self.gw.watches.active.lock() else {
+                return;
+            };
+            match active.get_mut(&self.key) {
+                Some(w) if w.watchers > 1 => {
+                    w.watchers -= 1;
+                    None
+                }
+                Some(_) => active.remove(&self.key),
+                None => None,
+            }
+        };
+        let Some(last) = last else { return };
+        if let Some(task) = last.task {
+            task.abort();
+            return;
+        }
+        // Outside a runtime (the process is ending) there is nobody to tell.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let gw = self.gw.clone();
+        let (index, uri) = self.key.clone();
+        runtime.spawn(async move {
+            if let Some(s) = match gw.upstreams.get(index) {
+                Some(up) => up.shared().await,
+                None => None,
+            } {
+                let unsubscribe = rmcp::model::ClientRequest::UnsubscribeRequest(
+                    rmcp::model::UnsubscribeRequest::new(
+                        rmcp::model::UnsubscribeRequestParams::new(uri),
+                    ),
+                );
+                let _ = s.conn.peer().send_request(unsubscribe).await;
+            }
+        });
+    }
+}
+
+impl Gateway {
+    /// Watches resource `uri` (as upstream `index` names it) for updates,
+    /// subscribing upstream if nobody watches it yet; updates arrive on
+    /// [`ResourceWatches::updates`] while the guard lives. `Err` says why
+    /// the upstream cannot be watched.
+    #[allow(deprecated)] // resources/subscribe: how a session-based upstream is watched
+    pub async fn watch_resource(
+        self: &Arc<Self>,
+        index: usize,
+        uri: String,
+    ) -> Result<WatchGuard, String> {
+        let key = (index, uri.clone());
+        let first = {
+            let mut active = self
+                .watches
+                .active
+                .lock()
+                .map_err(|_| "internal lock poisoned".to_owned())?;
+            let w = active.entry(key.clone()).or_insert(Watched {
+                watchers: 0,
+                task: None,
+            });
+            w.watchers += 1;
+            w.watchers == 1
+        };
+        let guard = WatchGuard {
+            gw: self.clone(),
+            key: key.clone(),
+        };
+        if !first {
+            return Ok(guard);
+        }
+        let up = self
+            .upstreams
+            .get(index)
+            .ok_or_else(|| format!("internal: no upstream #{index}"))?;
+        let shared = up
+            .shared()
+            .await
+            .filter(|s| !s.conn.is_transport_closed())
+            .ok_or_else(|| format!("upstream `{}` is not connected", up.config.name))?;
+        if shared
+            .capabilities
+            .resources
+            .as_ref()
+            .is_none_or(|r| r.subscribe != Some(true))
+        {
+            return Err(format!(
+                "upstream `{}` offers no resource subscriptions",
+                up.config.name
+            ));
+        }
+        let peer = shared.conn.peer().clone();
+        if !is_modern_connection(&peer) {
+            let subscribe =
+                rmcp::model::ClientRequest::SubscribeRequest(rmcp::model::SubscribeRequest::new(
+                    rmcp::model::SubscribeRequestParams::new(uri.clone()),
+                ));
+            let limit = Duration::from_secs(up.config.timeout_secs);
+            return match tokio::time::timeout(limit, peer.send_request(subscribe)).await {
+                Ok(Ok(_)) => Ok(guard),
+                Ok(Err(e)) => Err(format!(
+                    "resources/subscribe at `{}` failed: {e}",
+                    up.config.name
+                )),
+                Err(_) => Err(format!(
+                    "resources/subscribe at `{}` timed out",
+                    up.config.name
+                )),
+            };
+        }
+        let mut filter = SubscriptionFilter::default();
+        filter.resource_subscriptions = Some(vec![uri.clone()]);
+        let mut sub = peer
+            .listen(filter)
+            .await
+            .map_err(|e| format!("subscriptions/listen at `{}` failed: {e}", up.config.name))?;
+        let updates = self.watches.updates.clone();
+        let task = tokio::spawn(async move {
+            while let Ok(Some(n)) = sub.next().await {
+                if let ServerNotification::ResourceUpdatedNotification(u) = n {
+                    let _ = updates.send((index, u.params.uri));
+                }
+            }
+        });
+        if let Ok(mut active) = self.watches.active.lock()
+            && let Some(w) = active.get_mut(&key)
+        {
+            w.task = Some(task.abort_handle());
+        } else {
+            task.abort();
+        }
+        Ok(guard)
+    }
 }
 
 /// Counts requests being served so shutdown can wait for them; once
@@ -412,6 +600,7 @@ impl Gateway {
                         .collect(),
                     next_worker: Default::default(),
                     starting_workers: AtomicBool::new(false),
+                    era: Era::default(),
                 })
             })
             .collect();
@@ -419,7 +608,10 @@ impl Gateway {
         let (events, events_rx) = mpsc::channel(256);
         let (changes, _) = broadcast::channel(64);
         let limits = Limiters::new(&config.rate_limits);
+        let parked = crate::handler::ParkedCalls::new().map_err(anyhow::Error::msg)?;
         let gw = Arc::new(Gateway {
+            parked,
+            watches: ResourceWatches::default(),
             clients: Clients::default(),
             limits,
             inflight: RequestTracker::default(),
@@ -440,6 +632,7 @@ impl Gateway {
         tokio::spawn(gw.clone().health_loop());
         tokio::spawn(gw.clone().restart_loop());
         tokio::spawn(gw.clone().idle_loop());
+        tokio::spawn(gw.clone().parked_loop());
         Ok(gw)
     }
 
@@ -499,19 +692,83 @@ impl Gateway {
             None,
             self.events.clone(),
         );
-        let conn = connect(&up.config, relay, &self.http)
+        let relay = relay.with_updates(self.watches.updates.clone());
+        let conn = connect(&up.config, relay, &self.http, &up.era)
             .await
             .map_err(|e| e.to_string())?;
         let capabilities = conn
             .peer_info()
             .map(|i| i.capabilities.clone())
             .unwrap_or_default();
+        if is_modern_connection(conn.peer()) {
+            self.listen_for_list_changes(up, conn.peer().clone(), &capabilities);
+        }
         Ok(Arc::new(SharedConn {
             conn,
             progress,
             capabilities,
             inflight,
         }))
+    }
+
+    /// A 2026-07-28 upstream announces list changes only on a
+    /// `subscriptions/listen` stream: opens one on its shared connection
+    /// (it ends with the connection) and feeds what arrives to the catalog
+    /// refresh, as a session-based upstream's notifications are.
+    fn listen_for_list_changes(
+        &self,
+        up: &Upstream,
+        peer: Peer<RoleClient>,
+        caps: &ServerCapabilities,
+    ) {
+        let mut filter = SubscriptionFilter::default();
+        if caps
+            .tools
+            .as_ref()
+            .is_some_and(|c| c.list_changed == Some(true))
+        {
+            filter.tools_list_changed = Some(true);
+        }
+        if caps
+            .prompts
+            .as_ref()
+            .is_some_and(|c| c.list_changed == Some(true))
+        {
+            filter.prompts_list_changed = Some(true);
+        }
+        if caps
+            .resources
+            .as_ref()
+            .is_some_and(|c| c.list_changed == Some(true))
+        {
+            filter.resources_list_changed = Some(true);
+        }
+        if filter == SubscriptionFilter::default() {
+            return;
+        }
+        let events = self.events.clone();
+        let upstream = up.index;
+        let name = up.config.name.clone();
+        tokio::spawn(async move {
+            let mut sub = match peer.listen(filter).await {
+                Ok(sub) => sub,
+                Err(e) => {
+                    tracing::warn!(upstream = %name, error = %e, "subscriptions/listen for list changes failed; this upstream's list changes reach the catalog only on reconnect");
+                    return;
+                }
+            };
+            while let Ok(Some(n)) = sub.next().await {
+                let kind = match n {
+                    ServerNotification::ToolListChangedNotification(_) => ListKind::Tools,
+                    ServerNotification::PromptListChangedNotification(_) => ListKind::Prompts,
+                    ServerNotification::ResourceListChangedNotification(_) => ListKind::Resources,
+                    _ => continue,
+                };
+                // A full queue already holds a refresh request.
+                let _ = events.try_send(ListChanged { upstream, kind });
+            }
+            tracing::debug!(upstream = %name, "list-change subscription ended");
+        });
     }
 
     /// Re-reads the lists of one upstream over its shared connection.
@@ -714,7 +971,8 @@ impl Gateway {
         }
     }
 
-    /// Pings every upstream with a live shared connection every 10 s; one
+    /// Pings every upstream with a live shared connection every 10 s (one on
+    /// 2026-07-28 gets `server/discover`, as it has no ping); one
     /// that does not answer within 5 s loses its connection, and
     /// [`Self::restart_loop`] reconnects it.
     async fn health_loop(self: Arc<Self>) {
@@ -731,10 +989,15 @@ impl Gateway {
                 if s.conn.is_transport_closed() {
                     continue;
                 }
-                let ping = s
-                    .conn
-                    .peer()
-                    .send_request(rmcp::model::ClientRequest::PingRequest(Default::default()));
+                // 2026-07-28 has no ping; server/discover is the cheapest request there.
+                let probe = if crate::upstream::is_modern_connection(s.conn.peer()) {
+                    rmcp::model::ClientRequest::DiscoverRequest(rmcp::model::DiscoverRequest::new(
+                        Default::default(),
+                    ))
+                } else {
+                    rmcp::model::ClientRequest::PingRequest(Default::default())
+                };
+                let ping = s.conn.peer().send_request(probe);
                 if matches!(
                     tokio::time::timeout(Duration::from_secs(5), ping).await,
                     Ok(Ok(_))
@@ -884,6 +1147,27 @@ impl Gateway {
                     w.next_at = mono_now() + wait;
                     tracing::warn!(upstream = %up.config.name, process = i + 1, error = %e, retry_in_ms = wait.as_millis() as u64, "could not start a pooled process");
                 }
+            }
+        }
+    }
+
+    /// Every second, cancels the calls of 2026-07-28 clients that waited
+    /// for input too long, and all of them once the gateway drains (their
+    /// retries would be refused, and they would hold the drain up).
+    async fn parked_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    self.parked.prune(true);
+                    return;
+                }
+                _ = tick.tick() => {}
+            }
+            let dropped = self.parked.prune(self.inflight.is_draining());
+            if dropped > 0 {
+                tracing::info!(dropped, "cancelled calls that waited for client input");
             }
         }
     }

@@ -1,7 +1,15 @@
 //! The MCP server side of the gateway: one [`GatewayHandler`] per client
-//! session answers lists from the merged catalog and forwards calls, reads,
+//! session (and, for revision 2026-07-28, which has no sessions, one per
+//! request) answers lists from the merged catalog and forwards calls, reads,
 //! prompt gets, completions and subscriptions to the owning upstream, relaying
 //! progress and cancellation both ways.
+//!
+//! Clients and upstreams may speak different revisions: a 2026-07-28 client's
+//! call to an older upstream is parked while the upstream waits for the
+//! client's input ([`ParkedCalls`]), a session client answers a 2026-07-28
+//! upstream's input requests as server-to-client requests, and
+//! `subscriptions/listen` streams carry the catalog's changes and watched
+//! resources' updates (see docs/protocol.md, "Revision 2026-07-28").
 
 // Logging and subscriptions are deprecated in MCP 2026-07-28 but are part of
 // every session-based revision this gateway serves.
@@ -14,16 +22,21 @@ use std::time::{Duration, Instant};
 
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResponse, CancelledNotificationParam,
-    ClientInfo, ClientRequest, CompleteRequest, CompleteRequestParams, CompleteResult,
-    CustomRequest, CustomResult, ErrorCode, GetPromptRequest, GetPromptRequestParams,
-    GetPromptResponse, Implementation, InitializeRequestParams, InitializeResult,
+    ClientCapabilities, ClientInfo, ClientRequest, CompleteRequest, CompleteRequestParams,
+    CompleteResult, CustomRequest, CustomResult, ErrorCode, GetPromptRequest,
+    GetPromptRequestParams, GetPromptResponse, Implementation, InitializeRequestParams,
+    InitializeResult, InputRequest, InputRequests, InputRequiredResult, InputResponses,
     ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
     LoggingLevel, PaginatedRequestParams, ProtocolVersion, ReadResourceRequest,
-    ReadResourceRequestParams, ReadResourceResponse, Reference, ResourceContents,
-    ServerCapabilities, ServerInfo, ServerResult, SetLevelRequest, SetLevelRequestParams,
-    SubscribeRequest, SubscribeRequestParams, UnsubscribeRequest, UnsubscribeRequestParams,
+    ReadResourceRequestParams, ReadResourceResponse, Reference, RequestMetaObject,
+    ResourceContents, ResultType, ServerCapabilities, ServerInfo, ServerNotification, ServerResult,
+    SetLevelRequest, SetLevelRequestParams, SubscribeRequest, SubscribeRequestParams,
+    SubscriptionFilter, UnsubscribeRequest, UnsubscribeRequestParams,
 };
-use rmcp::service::{NotificationContext, Peer, PeerRequestOptions, RequestContext};
+use rmcp::service::{
+    NotificationContext, Peer, PeerRequestOptions, RequestContext, SubscriptionContext,
+    SubscriptionSendError, SubscriptionSink,
+};
 use rmcp::{ErrorData as McpError, RoleClient, RoleServer, ServerHandler, ServiceError};
 
 use meshgate_core::auth::{Principal, scope};
@@ -33,7 +46,10 @@ use crate::clients::{ClientEntry, Owner, SessionConn};
 use crate::gateway::{Gateway, Upstream};
 use crate::outbox::Outbox;
 use crate::resilience::{PoolTimeout, unit_random};
-use crate::upstream::{InFlightGuard, ListKind, ProgressMap, RelayTarget, UpstreamRelay, connect};
+use crate::upstream::{
+    Caller, InFlightGuard, InputAsk, ListKind, ModernCaller, ProgressMap, RelayTarget,
+    UpstreamRelay, connect, is_modern_connection,
+};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -54,13 +70,53 @@ fn status_tool() -> rmcp::model::Tool {
     )
 }
 
-/// Revisions served over sessions (2026-07-28 is not yet served).
-pub const SUPPORTED_VERSIONS: [ProtocolVersion; 4] = [
+/// Revisions served: the session-based ones through `initialize`, and
+/// 2026-07-28 per request (its version, client capabilities and client info
+/// in each request's `_meta`, no session).
+pub const SUPPORTED_VERSIONS: [ProtocolVersion; 5] = [
     ProtocolVersion::V_2024_11_05,
     ProtocolVersion::V_2025_03_26,
     ProtocolVersion::V_2025_06_18,
     ProtocolVersion::V_2025_11_25,
+    ProtocolVersion::V_2026_07_28,
 ];
+
+/// Whether the request speaks 2026-07-28 or later: it names its revision in
+/// `_meta` and is served on its own, without a session.
+fn is_modern(ctx: &RequestContext<RoleServer>) -> bool {
+    ctx.meta
+        .protocol_version()
+        .is_some_and(|v| !v.has_initialize())
+}
+
+/// The `_meta` to send upstream with a forwarded request: the client's,
+/// without the `io.modelcontextprotocol/*` keys, which describe the client's
+/// revision and capabilities, not the gateway's connection to the upstream
+/// (rmcp would derive the upstream request's revision from them). Progress
+/// tokens and trace context (`traceparent`, `tracestate`, `baggage`) stay.
+fn upstream_meta(meta: &RequestMetaObject) -> RequestMetaObject {
+    let mut m = meta.clone();
+    m.0.0
+        .retain(|k, _| !k.starts_with("io.modelcontextprotocol/"));
+    m
+}
+
+/// Gives a result from an upstream on a revision before 2026-07-28, which
+/// has no `resultType`, the `"complete"` every 2026-07-28 result carries.
+fn mark_complete(r: &mut ServerResult) {
+    let result_type = match r {
+        ServerResult::CallToolResult(x) => &mut x.result_type,
+        ServerResult::GetPromptResult(x) => &mut x.result_type,
+        ServerResult::ReadResourceResult(x) => &mut x.result_type,
+        ServerResult::CompleteResult(x) => &mut x.result_type,
+        ServerResult::ListToolsResult(x) => &mut x.result_type,
+        ServerResult::ListPromptsResult(x) => &mut x.result_type,
+        ServerResult::ListResourcesResult(x) => &mut x.result_type,
+        ServerResult::ListResourceTemplatesResult(x) => &mut x.result_type,
+        _ => return,
+    };
+    result_type.get_or_insert(ResultType::COMPLETE);
+}
 
 struct SessionState {
     peer: OnceLock<Peer<RoleServer>>,
@@ -71,11 +127,20 @@ struct SessionState {
     change_task: Mutex<Option<tokio::task::AbortHandle>>,
     transport: &'static str,
     counted: std::sync::atomic::AtomicBool,
+    /// Resources this session subscribed to at 2026-07-28 upstreams (exposed
+    /// URI → the task relaying their updates).
+    watches: Mutex<std::collections::HashMap<String, tokio::task::AbortHandle>>,
+    /// Whether the entry is in the client registry: a session is from its
+    /// `initialize` (or once its transport names it); a 2026-07-28 request,
+    /// served by a handler of its own, never is.
+    registered: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for SessionState {
     fn drop(&mut self) {
-        self.gw.clients.unregister(&self.entry.id);
+        if self.registered.load(Ordering::Relaxed) {
+            self.gw.clients.unregister(&self.entry.id);
+        }
         if let Some(o) = self.entry.outbox.get() {
             o.close();
         }
@@ -83,6 +148,11 @@ impl Drop for SessionState {
             && let Some(t) = t.take()
         {
             t.abort();
+        }
+        if let Ok(mut w) = self.watches.lock() {
+            for (_, task) in w.drain() {
+                task.abort();
+            }
         }
         if self.counted.load(Ordering::Relaxed) {
             metrics::gauge!("gateway_connections", "transport" => self.transport).decrement(1.0);
@@ -196,10 +266,12 @@ fn outcome<T>(r: &Result<T, McpError>) -> &'static str {
 }
 
 impl GatewayHandler {
-    /// A handler for a new session over `transport` (`streamable_http`, `sse`).
+    /// A handler for a new session over `transport` (`streamable_http`, `sse`),
+    /// or for one 2026-07-28 request (Streamable HTTP makes a handler per
+    /// such request, so this is cheap: the session enters the client
+    /// registry only when it is one, see [`Self::register`]).
     pub fn new(gw: Arc<Gateway>, auth: Arc<Auth>, transport: &'static str) -> GatewayHandler {
         let entry = Arc::new(ClientEntry::new(transport));
-        gw.clients.register(&entry);
         GatewayHandler {
             gw: gw.clone(),
             auth,
@@ -214,7 +286,17 @@ impl GatewayHandler {
                 change_task: Mutex::new(None),
                 transport,
                 counted: std::sync::atomic::AtomicBool::new(false),
+                watches: Mutex::new(Default::default()),
+                registered: std::sync::atomic::AtomicBool::new(false),
             }),
+        }
+    }
+
+    /// Puts the session into the client registry (for `/mcp/stats`,
+    /// per-client health and cleanup), once.
+    fn register(&self) {
+        if !self.state.registered.swap(true, Ordering::Relaxed) {
+            self.gw.clients.register(&self.state.entry);
         }
     }
 
@@ -234,6 +316,7 @@ impl GatewayHandler {
     ) -> GatewayHandler {
         let _ = self.state.entry.session_id.set(id.to_owned());
         let _ = self.state.entry.closer.set(closer);
+        self.register();
         self
     }
 
@@ -280,6 +363,9 @@ impl GatewayHandler {
         method: &str,
     ) -> Result<Arc<Principal>, McpError> {
         let entry = &self.state.entry;
+        if !is_modern(ctx) {
+            self.register();
+        }
         self.bind_session_id(&ctx.extensions);
         entry.record(true);
         if self.gw.inflight.is_draining() {
@@ -342,20 +428,28 @@ impl GatewayHandler {
     }
 
     /// The connection to use for a call to `up`: this session's own connection
-    /// for Streamable HTTP upstreams, the shared one for stdio upstreams.
+    /// for Streamable HTTP upstreams, the shared one for stdio upstreams and
+    /// for every request of a 2026-07-28 client (`modern`: it has no session
+    /// to own a connection, and one connection per request would cost an
+    /// upstream handshake each).
     /// `Err` says why there is none (a transport failure, retried).
     async fn connection(
         &self,
         up: &Arc<Upstream>,
         client_peer: &Peer<RoleServer>,
+        modern: Option<Arc<ModernCaller>>,
     ) -> Result<(Peer<RoleClient>, ProgressMap, Option<InFlightGuard>), String> {
         let client = self.outbox(client_peer);
-        if !up.per_session() {
+        if !up.per_session() || modern.is_some() {
             let shared = up
                 .pick_process()
                 .await
                 .ok_or_else(|| format!("{} (no live connection)", up.status().0.label()))?;
-            let guard = shared.inflight.enter(self.session, client);
+            let guard = shared.inflight.enter(Caller {
+                session: self.session,
+                outbox: client,
+                modern,
+            });
             return Ok((
                 shared.conn.peer().clone(),
                 shared.progress.clone(),
@@ -378,7 +472,7 @@ impl GatewayHandler {
             self.state.client.get(),
             self.gw.change_events(),
         );
-        let conn = connect(&up.config, relay, &self.gw.http)
+        let conn = connect(&up.config, relay, &self.gw.http, &up.era)
             .await
             .map_err(|e| {
                 self.gw.report_failure(up, &e.to_string());
@@ -389,6 +483,7 @@ impl GatewayHandler {
             && conn
                 .peer_info()
                 .is_some_and(|i| i.capabilities.logging.is_some())
+            && !is_modern_connection(conn.peer())
         {
             let _ = conn
                 .peer()
@@ -418,7 +513,27 @@ impl GatewayHandler {
         ctx: &RequestContext<RoleServer>,
         tool: Option<&str>,
     ) -> Result<ServerResult, McpError> {
+        self.forward_as(index, request, ctx, tool, None).await
+    }
+
+    /// [`Self::forward`]; for a 2026-07-28 client, `asks` takes what the
+    /// upstream asks of the client during the call (sampling, elicitation,
+    /// roots), for requests that can answer with an `InputRequiredResult`.
+    async fn forward_as(
+        &self,
+        index: usize,
+        request: ClientRequest,
+        ctx: &RequestContext<RoleServer>,
+        tool: Option<&str>,
+        asks: Option<tokio::sync::mpsc::Sender<InputAsk>>,
+    ) -> Result<ServerResult, McpError> {
         let up = self.upstream(index)?.clone();
+        let modern = is_modern(ctx).then(|| {
+            Arc::new(ModernCaller {
+                log_level: ctx.meta.log_level(),
+                asks,
+            })
+        });
         if !up.config.enabled {
             return Err(err(
                 ErrorCode::INVALID_REQUEST,
@@ -482,12 +597,17 @@ impl GatewayHandler {
                     "internal: the request was already sent".into(),
                 ));
             };
-            let outcome = self.attempt(&up, req, ctx, this_timeout).await;
+            let outcome = self
+                .attempt(&up, req, ctx, this_timeout, modern.clone())
+                .await;
             drop(lease);
             let failure = match outcome {
-                Ok(r) => {
+                Ok(mut r) => {
                     up.traffic.on_success();
                     self.gw.report_success(&up);
+                    if modern.is_some() {
+                        mark_complete(&mut r);
+                    }
                     return Ok(r);
                 }
                 Err(AttemptError::Answered(e)) => {
@@ -590,10 +710,11 @@ impl GatewayHandler {
         request: ClientRequest,
         ctx: &RequestContext<RoleServer>,
         timeout: Duration,
+        modern: Option<Arc<ModernCaller>>,
     ) -> Result<ServerResult, AttemptError> {
         // Connecting (a per-session connection's handshake) counts against
         // the attempt's time, so a hanging upstream cannot outlast the deadline.
-        let connecting = tokio::time::timeout(timeout, self.connection(up, &ctx.peer));
+        let connecting = tokio::time::timeout(timeout, self.connection(up, &ctx.peer, modern));
         let (peer, progress, _inflight) = connecting
             .await
             .map_err(|_| AttemptError::Transport {
@@ -607,7 +728,28 @@ impl GatewayHandler {
         let client_token = ctx.meta.get_progress_token();
         let mut options = PeerRequestOptions::no_options();
         options.timeout = Some(timeout);
-        options.meta = Some(ctx.meta.clone());
+        let mut meta = upstream_meta(&ctx.meta);
+        if is_modern_connection(&peer) {
+            // A 2026-07-28 upstream logs only for requests that ask, at the
+            // level they ask: the 2026-07-28 client's own, or the session's
+            // logging/setLevel (everything when it set none, as before).
+            let level = if is_modern(ctx) {
+                ctx.meta.log_level()
+            } else {
+                Some(
+                    self.state
+                        .log_level
+                        .lock()
+                        .ok()
+                        .and_then(|l| *l)
+                        .unwrap_or(LoggingLevel::Debug),
+                )
+            };
+            if let Some(level) = level {
+                meta.set_log_level(level);
+            }
+        }
+        options.meta = Some(meta);
         // Progress the upstream sends right away waits for the route instead of being dropped.
         let registering = match client_token {
             Some(_) => Some(progress.registration().await),
@@ -834,11 +976,12 @@ impl GatewayHandler {
             record("tools/call", Some(&exposed), started, "denied");
             return Err(e);
         }
-        if let Err(hit) = self
-            .gw
-            .limits
-            .check(&self.gw.limits.call_checks(&exposed, &self.state.entry.id))
-        {
+        let mut checks = self.gw.limits.call_checks(&exposed, &self.state.entry.id);
+        if is_modern(ctx) {
+            // A 2026-07-28 request has no connection to limit.
+            checks.retain(|(key, _)| !key.starts_with("connection:"));
+        }
+        if let Err(hit) = self.gw.limits.check(&checks) {
             record("tools/call", Some(&exposed), started, "rate_limited");
             self.state.entry.record(false);
             return Err(hit.mcp_error());
@@ -846,11 +989,16 @@ impl GatewayHandler {
         let original = route.original.clone();
         request.name = route.original.into();
         let r = self
-            .forward(
+            .forward_call(
+                p,
                 route.upstream,
                 ClientRequest::CallToolRequest(CallToolRequest::new(request)),
                 ctx,
                 Some(&original),
+                CallSubject {
+                    method: "tools/call",
+                    name: &exposed,
+                },
             )
             .await;
         let r = match r {
@@ -926,6 +1074,7 @@ impl GatewayHandler {
                 serde_json::json!({
                     "name": u.config.name,
                     "transport": u.config.transport,
+                    "revision": u.era.revision().map(|v| v.to_string()),
                     "status": status.label(),
                     "since_unix": since,
                     "error": match &status { crate::upstream::UpstreamStatus::Down(e) => Some(e.clone()), _ => None },
@@ -991,6 +1140,707 @@ impl GatewayHandler {
     }
 }
 
+/// How long a call of a 2026-07-28 client may wait for the client's input
+/// (its retry with `inputResponses`) before it is cancelled upstream.
+const PARK_TTL: Duration = Duration::from_secs(300);
+
+/// Most calls waiting for input at once, gateway-wide.
+const MAX_PARKED: usize = 1024;
+
+/// Prefix of the `requestState`s the gateway issues (version 1).
+const STATE_PREFIX: &str = "mgp1.";
+
+/// Calls of 2026-07-28 clients parked while an upstream on an older revision
+/// waits for an answer to its sampling, elicitation or roots request.
+///
+/// Such a client takes no server-to-client requests: the gateway answers its
+/// call with an `InputRequiredResult` carrying the upstream's request, keeps
+/// the upstream call running, and hands the answer (the `inputResponses` of
+/// the client's retry) to the waiting upstream request. The `requestState` is
+/// a handle sealed with HMAC-SHA256 under a per-process key, bound to the
+/// principal, the method and the tool (prompt, resource) and an expiry; the
+/// call itself stays in this process, so a retry that reaches another gateway
+/// process is refused with a message saying so.
+pub struct ParkedCalls {
+    key: [u8; 32],
+    calls: Mutex<std::collections::HashMap<String, Parked>>,
+}
+
+/// A call waiting for the client's input (whose it is and what it calls is
+/// sealed into its `requestState`).
+struct Parked {
+    expires: Instant,
+    /// The `inputRequests` key the answer is expected under, and the request.
+    key: String,
+    request: InputRequest,
+    /// Where the answer goes (the upstream's request waits on it).
+    pending: tokio::sync::oneshot::Sender<Result<serde_json::Value, McpError>>,
+    run: RunningCall,
+}
+
+/// An upstream call of a 2026-07-28 client running in a task of its own (so
+/// it outlives the request that parked it); cancelled upstream when dropped.
+struct RunningCall {
+    done: tokio::sync::oneshot::Receiver<Result<ServerResult, McpError>>,
+    asks: tokio::sync::mpsc::Receiver<InputAsk>,
+    _cancel: tokio_util::sync::DropGuard,
+}
+
+/// What a parked call is about: the method and the exposed name.
+#[derive(Clone, Copy)]
+struct CallSubject<'a> {
+    method: &'static str,
+    name: &'a str,
+}
+
+/// HMAC-SHA256 (RFC 2104).
+fn hmac_sha256(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut inner_key = [0x36u8; 64];
+    let mut outer_key = [0x5cu8; 64];
+    for (i, k) in key.iter().enumerate() {
+        inner_key[i] ^= k;
+        outer_key[i] ^= k;
+    }
+    let inner = Sha256::new()
+        .chain_update(inner_key)
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(outer_key)
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl ParkedCalls {
+    /// An empty table with a fresh random sealing key.
+    pub fn new() -> Result<ParkedCalls, String> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|e| format!("the system random source failed: {e}"))?;
+        Ok(ParkedCalls {
+            key,
+            calls: Mutex::new(Default::default()),
+        })
+    }
+
+    /// Calls waiting for input now.
+    pub fn len(&self) -> usize {
+        self.calls.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    /// True when no call waits for input.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops (and so cancels upstream) the calls whose time to wait for
+    /// input has passed, or every call when `all` (the gateway is draining:
+    /// their retries would be refused anyway).
+    pub fn prune(&self, all: bool) -> usize {
+        let Ok(mut calls) = self.calls.lock() else {
+            return 0;
+        };
+        let before = calls.len();
+        let now = Instant::now();
+        calls.retain(|_, c| !all && c.expires > now);
+        before - calls.len()
+    }
+
+    fn mac(&self, id: &str, exp: u64, p: &Principal, subject: CallSubject<'_>) -> String {
+        let message = format!(
+            "{STATE_PREFIX}|{id}|{exp}|{}|{}|{}|{}",
+            p.tenant, p.subject, subject.method, subject.name
+        );
+        hex(&hmac_sha256(&self.key, message.as_bytes()))
+    }
+
+    /// Whether `state` has the form of a gateway-issued `requestState`
+    /// (anything else belongs to an upstream on 2026-07-28).
+    fn is_ours(state: &str) -> bool {
+        state.starts_with(STATE_PREFIX)
+    }
+
+    /// Parks `parked`; the `requestState` that resumes it.
+    fn park(
+        &self,
+        parked: Parked,
+        p: &Principal,
+        subject: CallSubject<'_>,
+    ) -> Result<String, Box<Parked>> {
+        let mut raw = [0u8; 16];
+        if getrandom::fill(&mut raw).is_err() {
+            return Err(Box::new(parked));
+        }
+        let id = hex(&raw);
+        let exp = crate::upstream::unix_now() + PARK_TTL.as_secs();
+        let token = format!(
+            "{STATE_PREFIX}{id}.{exp}.{}",
+            self.mac(&id, exp, p, subject)
+        );
+        let Ok(mut calls) = self.calls.lock() else {
+            return Err(Box::new(parked));
+        };
+        let now = Instant::now();
+        // Expired calls are dropped here, which cancels them upstream.
+        calls.retain(|_, c| c.expires > now);
+        if calls.len() >= MAX_PARKED {
+            return Err(Box::new(parked));
+        }
+        calls.insert(id, parked);
+        Ok(token)
+    }
+
+    /// Takes the call `state` resumes, checking it was issued by this
+    /// process for this principal and call and has not expired.
+    fn resume(
+        &self,
+        state: &str,
+        p: &Principal,
+        subject: CallSubject<'_>,
+    ) -> Result<Parked, McpError> {
+        let refuse = |why: &str| {
+            McpError::new(
+                ErrorCode::INVALID_PARAMS,
+                format!(
+                    "{} `{}`: the requestState {why}; call again without requestState and inputResponses",
+                    subject.method, subject.name
+                ),
+                Some(serde_json::json!({"reason": "request_state_refused"})),
+            )
+        };
+        let rest = state.strip_prefix(STATE_PREFIX).unwrap_or_default();
+        let mut parts = rest.splitn(3, '.');
+        let (Some(id), Some(exp), Some(mac)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(refuse("is malformed"));
+        };
+        let Ok(exp) = exp.parse::<u64>() else {
+            return Err(refuse("is malformed"));
+        };
+        use subtle::ConstantTimeEq;
+        let expected = self.mac(id, exp, p, subject);
+        if !bool::from(expected.as_bytes().ct_eq(mac.as_bytes())) {
+            return Err(refuse(
+                "was not issued by this gateway for your credential and this request (tampered, or another tool, prompt or resource)",
+            ));
+        }
+        if crate::upstream::unix_now() > exp {
+            return Err(refuse(&format!(
+                "has expired (a call waits at most {} s for input)",
+                PARK_TTL.as_secs()
+            )));
+        }
+        self.calls
+            .lock()
+            .ok()
+            .and_then(|mut c| c.remove(id))
+            .filter(|c| c.expires > Instant::now())
+            .ok_or_else(|| {
+                refuse(
+                    "names a call that no longer waits: it was already resumed, was cancelled upstream (its timeout passed), or waits on another gateway process (the call stays where it started)",
+                )
+            })
+    }
+}
+
+/// The capability a client must declare for the gateway to pass `request`
+/// on to it, and the name of that capability.
+fn needed_capability(request: &InputRequest) -> (&'static str, ClientCapabilities) {
+    let mut caps = ClientCapabilities::default();
+    match request {
+        InputRequest::Elicitation(_) => {
+            caps.elicitation = Some(Default::default());
+            ("elicitation", caps)
+        }
+        InputRequest::CreateMessage(_) => {
+            caps.sampling = Some(Default::default());
+            ("sampling", caps)
+        }
+        _ => {
+            caps.roots = Some(Default::default());
+            ("roots", caps)
+        }
+    }
+}
+
+/// The method of an input request, for messages.
+fn input_method(request: &InputRequest) -> &'static str {
+    match request {
+        InputRequest::Elicitation(_) => "elicitation/create",
+        InputRequest::CreateMessage(_) => "sampling/createMessage",
+        _ => "roots/list",
+    }
+}
+
+/// Whether `caps` declares what `request` needs.
+fn declares(caps: &ClientCapabilities, request: &InputRequest) -> bool {
+    match request {
+        InputRequest::Elicitation(_) => caps.elicitation.is_some(),
+        InputRequest::CreateMessage(_) => caps.sampling.is_some(),
+        _ => caps.roots.is_some(),
+    }
+}
+
+/// Moves `requestState` and `inputResponses` out of a request that may
+/// carry them (`tools/call`, `prompts/get`, `resources/read`).
+fn take_mrtr(request: &mut ClientRequest) -> (Option<String>, Option<InputResponses>) {
+    match request {
+        ClientRequest::CallToolRequest(r) => (
+            r.params.request_state.take(),
+            r.params.input_responses.take(),
+        ),
+        ClientRequest::GetPromptRequest(r) => (
+            r.params.request_state.take(),
+            r.params.input_responses.take(),
+        ),
+        ClientRequest::ReadResourceRequest(r) => (
+            r.params.request_state.take(),
+            r.params.input_responses.take(),
+        ),
+        _ => (None, None),
+    }
+}
+
+impl GatewayHandler {
+    /// Sends a `tools/call`, `prompts/get` or `resources/read` of `p` to
+    /// upstream `index`, translating between the client's revision and the
+    /// upstream's: a 2026-07-28 client's call to an older upstream runs in a
+    /// task of its own, so the upstream's sampling, elicitation and roots
+    /// requests can be answered through `InputRequiredResult`s and retries
+    /// (see [`ParkedCalls`]); the retry resumes the parked call.
+    async fn forward_call(
+        &self,
+        p: &Principal,
+        index: usize,
+        mut request: ClientRequest,
+        ctx: &RequestContext<RoleServer>,
+        tool: Option<&str>,
+        subject: CallSubject<'_>,
+    ) -> Result<ServerResult, McpError> {
+        if !is_modern(ctx) {
+            return self
+                .forward_for_session(index, request, ctx, tool, subject)
+                .await;
+        }
+        let (state, responses) = take_mrtr(&mut request);
+        if let Some(state) = state.as_deref()
+            && ParkedCalls::is_ours(state)
+        {
+            let parked = self.gw.parked.resume(state, p, subject)?;
+            return self
+                .answer_parked(parked, responses.unwrap_or_default(), p, subject, ctx)
+                .await;
+        }
+        let up = self.upstream(index)?;
+        if up.era.is_modern() {
+            // Both speak 2026-07-28: the upstream's input requests go to the
+            // client as they are, its requestState wrapped (so it cannot be
+            // taken for one of ours) and unwrapped on the retry.
+            let state = match state {
+                Some(s) => Some(
+                    s.strip_prefix(UPSTREAM_STATE_PREFIX)
+                        .map(str::to_owned)
+                        .ok_or_else(|| {
+                            err(
+                                ErrorCode::INVALID_PARAMS,
+                                format!(
+                                    "{} `{}`: the requestState was not issued by this gateway; call again without requestState and inputResponses",
+                                    subject.method, subject.name
+                                ),
+                            )
+                        })?,
+                ),
+                None => None,
+            };
+            put_mrtr(&mut request, state, responses);
+            let name = up.config.name.clone();
+            let r = self.forward(index, request, ctx, tool).await?;
+            return pass_input_required(r, ctx, &name, subject);
+        }
+        let (asks_tx, asks_rx) = tokio::sync::mpsc::channel(4);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let mut task_ctx = ctx.clone();
+        task_ctx.ct = cancel.clone();
+        let this = self.clone();
+        let tool = tool.map(str::to_owned);
+        tokio::spawn(async move {
+            let r = this
+                .forward_as(index, request, &task_ctx, tool.as_deref(), Some(asks_tx))
+                .await;
+            let _ = done_tx.send(r);
+        });
+        let run = RunningCall {
+            done: done_rx,
+            asks: asks_rx,
+            _cancel: cancel.drop_guard(),
+        };
+        self.drive(run, p, subject, ctx).await
+    }
+
+    /// Hands the client's answer to the upstream request a parked call
+    /// waits on, and drives the call on (or asks again when the answer is
+    /// missing from `responses`).
+    async fn answer_parked(
+        &self,
+        mut parked: Parked,
+        mut responses: InputResponses,
+        p: &Principal,
+        subject: CallSubject<'_>,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<ServerResult, McpError> {
+        let Some(answer) = responses.remove(&parked.key) else {
+            // The spec's rule: ask again for what is missing.
+            parked.expires = Instant::now() + PARK_TTL;
+            let (key, request) = (parked.key.clone(), parked.request.clone());
+            return match self.gw.parked.park(parked, p, subject) {
+                Ok(token) => Ok(input_required(key, request, token)),
+                Err(_) => Err(err(
+                    ErrorCode::INTERNAL_ERROR,
+                    "too many calls wait for client input; retry later".into(),
+                )),
+            };
+        };
+        let _ = parked.pending.send(Ok(answer));
+        self.drive(parked.run, p, subject, ctx).await
+    }
+
+    /// Waits for a running call's result, or parks it at the upstream's
+    /// next request for client input and answers with an
+    /// `InputRequiredResult`.
+    async fn drive(
+        &self,
+        mut run: RunningCall,
+        p: &Principal,
+        subject: CallSubject<'_>,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<ServerResult, McpError> {
+        let ended = || {
+            err(
+                ErrorCode::INTERNAL_ERROR,
+                format!(
+                    "internal: {} `{}` ended without an answer",
+                    subject.method, subject.name
+                ),
+            )
+        };
+        let ask = tokio::select! {
+            r = &mut run.done => return r.unwrap_or_else(|_| Err(ended())),
+            ask = run.asks.recv() => ask,
+            _ = ctx.ct.cancelled() => {
+                metrics::counter!("gateway_cancellations_total").increment(1);
+                return Err(err(ErrorCode::INTERNAL_ERROR, "request cancelled by the client".into()));
+            }
+        };
+        let Some(ask) = ask else {
+            // The call's task ended (it holds the sender): its result is there.
+            return (&mut run.done).await.unwrap_or_else(|_| Err(ended()));
+        };
+        let caps = ctx.meta.client_capabilities().unwrap_or_default();
+        if !declares(&caps, &ask.request) {
+            let (name, needed) = needed_capability(&ask.request);
+            let what = input_method(&ask.request);
+            let _ = ask.reply.send(Err(McpError::new(
+                ErrorCode::MISSING_REQUIRED_CLIENT_CAPABILITY,
+                format!("the client did not declare the `{name}` capability"),
+                None,
+            )));
+            metrics::counter!("gateway_errors_total", "type" => "missing_client_capability")
+                .increment(1);
+            let mut e = McpError::missing_required_client_capability(needed);
+            e.message = format!(
+                "upstream `{}` sent {what} (a server-to-client request of revisions up to 2025-11-25) during {} `{}`; the gateway passes it on to a 2026-07-28 client as an input request (InputRequiredResult), which needs the `{name}` capability in the request's _meta io.modelcontextprotocol/clientCapabilities, and this request does not declare it",
+                ask.upstream, subject.method, subject.name
+            )
+            .into();
+            return Err(e);
+        }
+        let key = match &ask.request {
+            InputRequest::Elicitation(_) => "elicitation",
+            InputRequest::CreateMessage(_) => "sampling",
+            _ => "roots",
+        }
+        .to_owned();
+        let parked = Parked {
+            expires: Instant::now() + PARK_TTL,
+            key: key.clone(),
+            request: ask.request.clone(),
+            pending: ask.reply,
+            run,
+        };
+        match self.gw.parked.park(parked, p, subject) {
+            Ok(token) => {
+                metrics::counter!("gateway_input_requests_total", "method" => input_method(&ask.request)).increment(1);
+                Ok(input_required(key, ask.request, token))
+            }
+            Err(parked) => {
+                let _ = parked.pending.send(Err(err(
+                    ErrorCode::INTERNAL_ERROR,
+                    "the gateway cannot hold this call for client input now".into(),
+                )));
+                Err(err(
+                    ErrorCode::INTERNAL_ERROR,
+                    format!(
+                        "too many calls wait for client input (at most {MAX_PARKED}); retry later"
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// Prefix of an upstream's own `requestState` as the gateway passes it on.
+const UPSTREAM_STATE_PREFIX: &str = "mgu1.";
+
+/// Most rounds of input requests the gateway answers for a session client
+/// before giving up on an upstream's call (as the SDKs' own drivers do).
+const MRTR_MAX_ROUNDS: usize = 10;
+
+/// Puts `requestState` and `inputResponses` into a request that can carry them.
+fn put_mrtr(request: &mut ClientRequest, state: Option<String>, responses: Option<InputResponses>) {
+    match request {
+        ClientRequest::CallToolRequest(r) => {
+            r.params.request_state = state;
+            r.params.input_responses = responses;
+        }
+        ClientRequest::GetPromptRequest(r) => {
+            r.params.request_state = state;
+            r.params.input_responses = responses;
+        }
+        ClientRequest::ReadResourceRequest(r) => {
+            r.params.request_state = state;
+            r.params.input_responses = responses;
+        }
+        _ => {}
+    }
+}
+
+/// A 2026-07-28 upstream's answer for a 2026-07-28 client: an
+/// `InputRequiredResult` goes on as it is, once the client is seen to
+/// declare what each input request needs, with the upstream's
+/// `requestState` wrapped.
+fn pass_input_required(
+    r: ServerResult,
+    ctx: &RequestContext<RoleServer>,
+    upstream: &str,
+    subject: CallSubject<'_>,
+) -> Result<ServerResult, McpError> {
+    let ServerResult::InputRequiredResult(mut ir) = r else {
+        return Ok(r);
+    };
+    let caps = ctx.meta.client_capabilities().unwrap_or_default();
+    for request in ir.input_requests.iter().flat_map(|m| m.values()) {
+        if !declares(&caps, request) {
+            let (name, needed) = needed_capability(request);
+            let mut e = McpError::missing_required_client_capability(needed);
+            e.message = format!(
+                "upstream `{upstream}` (2026-07-28) asks for {} during {} `{}`, which needs the `{name}` capability in the request's _meta io.modelcontextprotocol/clientCapabilities, and this request does not declare it",
+                input_method(request),
+                subject.method,
+                subject.name
+            )
+            .into();
+            return Err(e);
+        }
+    }
+    ir.request_state = ir
+        .request_state
+        .map(|s| format!("{UPSTREAM_STATE_PREFIX}{s}"));
+    Ok(ServerResult::InputRequiredResult(ir))
+}
+
+impl GatewayHandler {
+    /// `tools/call`, `prompts/get` or `resources/read` of a session client:
+    /// when the upstream speaks 2026-07-28 and answers with an
+    /// `InputRequiredResult`, its input requests are sent to the client as
+    /// the server-to-client requests of the session's revision (sampling,
+    /// elicitation, roots) and the call is retried with the answers, for at
+    /// most [`MRTR_MAX_ROUNDS`] rounds.
+    async fn forward_for_session(
+        &self,
+        index: usize,
+        mut request: ClientRequest,
+        ctx: &RequestContext<RoleServer>,
+        tool: Option<&str>,
+        subject: CallSubject<'_>,
+    ) -> Result<ServerResult, McpError> {
+        for _ in 0..MRTR_MAX_ROUNDS {
+            let r = self.forward(index, request.clone(), ctx, tool).await?;
+            let ServerResult::InputRequiredResult(ir) = r else {
+                return Ok(r);
+            };
+            let upstream = self.upstream(index)?.config.name.clone();
+            let mut responses = InputResponses::new();
+            for (key, ask) in ir.input_requests.unwrap_or_default() {
+                let answer = tokio::select! {
+                    a = self.ask_session(&upstream, ask, ctx, subject) => a?,
+                    _ = ctx.ct.cancelled() => {
+                        return Err(err(ErrorCode::INTERNAL_ERROR, "request cancelled by the client".into()));
+                    }
+                };
+                responses.insert(key, answer);
+            }
+            put_mrtr(&mut request, ir.request_state, Some(responses));
+        }
+        Err(err(
+            ErrorCode::INTERNAL_ERROR,
+            format!(
+                "{} `{}`: upstream `{}` still asked for input after {MRTR_MAX_ROUNDS} rounds; the gateway gave up",
+                subject.method,
+                subject.name,
+                self.upstream(index)?.config.name
+            ),
+        ))
+    }
+
+    /// Asks the session client what a 2026-07-28 upstream's input request
+    /// wants, as the server-to-client request of the session's revision.
+    async fn ask_session(
+        &self,
+        upstream: &str,
+        ask: InputRequest,
+        ctx: &RequestContext<RoleServer>,
+        subject: CallSubject<'_>,
+    ) -> Result<serde_json::Value, McpError> {
+        let what = input_method(&ask);
+        let info = ctx.peer.peer_info();
+        let caps = info
+            .as_ref()
+            .map(|i| i.capabilities.clone())
+            .unwrap_or_default();
+        if !declares(&caps, &ask) {
+            let (name, _) = needed_capability(&ask);
+            let revision = info
+                .as_ref()
+                .map(|i| i.protocol_version.to_string())
+                .unwrap_or_else(|| "a session-based revision".into());
+            return Err(err(
+                ErrorCode::INVALID_REQUEST,
+                format!(
+                    "upstream `{upstream}` (2026-07-28) asks for {what} during {} `{}`; the gateway sends it to this session (revision {revision}) as a server-to-client request, which needs the `{name}` capability the session did not declare at initialize",
+                    subject.method, subject.name
+                ),
+            ));
+        }
+        let failed = |e: rmcp::ServiceError| {
+            err(
+                ErrorCode::INTERNAL_ERROR,
+                format!("relaying {what} of upstream `{upstream}` to the client failed: {e}"),
+            )
+        };
+        let value = match ask {
+            InputRequest::Elicitation(r) => serde_json::to_value(
+                ctx.peer
+                    .create_elicitation(r.params)
+                    .await
+                    .map_err(failed)?,
+            ),
+            InputRequest::CreateMessage(r) => {
+                serde_json::to_value(ctx.peer.create_message(r.params).await.map_err(failed)?)
+            }
+            InputRequest::ListRoots(_) => {
+                serde_json::to_value(ctx.peer.list_roots().await.map_err(failed)?)
+            }
+            _ => {
+                return Err(err(
+                    ErrorCode::INVALID_REQUEST,
+                    format!(
+                        "upstream `{upstream}` asks for an input request the gateway does not know ({what})"
+                    ),
+                ));
+            }
+        };
+        value.map_err(|e| err(ErrorCode::INTERNAL_ERROR, format!("internal: {e}")))
+    }
+}
+
+impl GatewayHandler {
+    /// `resources/subscribe` of a session client for a resource of a
+    /// 2026-07-28 upstream, which has no such method: the gateway watches
+    /// the resource (see [`crate::gateway::ResourceWatches`]) and relays its
+    /// updates to the session until `resources/unsubscribe` or the end of
+    /// the session.
+    async fn watch_for_session(
+        &self,
+        index: usize,
+        original: String,
+        exposed: String,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        use rmcp::model::{ResourceUpdatedNotification, ResourceUpdatedNotificationParam};
+        let mut updates = self.gw.watches.updates.subscribe();
+        let guard = self
+            .gw
+            .watch_resource(index, original.clone())
+            .await
+            .map_err(|e| {
+                err(
+                    ErrorCode::INTERNAL_ERROR,
+                    format!("resources/subscribe `{exposed}`: {e}"),
+                )
+            })?;
+        let outbox = self.outbox(&ctx.peer);
+        let key = (index, original);
+        let uri = exposed.clone();
+        let task = tokio::spawn(async move {
+            let _watching = guard;
+            loop {
+                match updates.recv().await {
+                    Ok(update) if update == key => {
+                        outbox
+                            .push(ServerNotification::ResourceUpdatedNotification(
+                                ResourceUpdatedNotification::new(
+                                    ResourceUpdatedNotificationParam::new(uri.clone()),
+                                ),
+                            ))
+                            .await;
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        if let Ok(mut w) = self.state.watches.lock()
+            && let Some(old) = w.insert(exposed, task.abort_handle())
+        {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    /// Sends `kind`'s list-changed notification on a listen stream, if the
+    /// stream asked for it.
+    async fn announce(
+        sink: &SubscriptionSink,
+        accepted: &SubscriptionFilter,
+        kind: ListKind,
+    ) -> Result<(), SubscriptionSendError> {
+        match kind {
+            ListKind::Tools if accepted.tools_list_changed == Some(true) => {
+                sink.notify_tool_list_changed().await
+            }
+            ListKind::Prompts if accepted.prompts_list_changed == Some(true) => {
+                sink.notify_prompt_list_changed().await
+            }
+            ListKind::Resources if accepted.resources_list_changed == Some(true) => {
+                sink.notify_resource_list_changed().await
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// An `InputRequiredResult` asking for `request` under `key`.
+fn input_required(key: String, request: InputRequest, token: String) -> ServerResult {
+    let mut requests = InputRequests::new();
+    requests.insert(key, request);
+    ServerResult::InputRequiredResult(InputRequiredResult::new(Some(requests), Some(token)))
+}
+
 impl ServerHandler for GatewayHandler {
     fn get_info(&self) -> ServerInfo {
         let capabilities = ServerCapabilities::builder()
@@ -1024,12 +1874,113 @@ impl ServerHandler for GatewayHandler {
         Cow::Borrowed(&SUPPORTED_VERSIONS)
     }
 
+    /// Every notification type a listen stream asks for is offered (rmcp
+    /// keeps what the capabilities advertise).
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        Some(requested.clone())
+    }
+
+    /// A 2026-07-28 client's `subscriptions/listen` stream: the gateway's
+    /// catalog changes (from every upstream, whatever its revision) and
+    /// updates of the resources it names, until the client closes it or the
+    /// gateway shuts down (then with the final result).
+    async fn listen(&self, sub: SubscriptionContext) -> Result<(), McpError> {
+        let ctx = sub.request_context();
+        let p = self.caller(ctx, scope::MCP_READ, "subscriptions/listen")?;
+        let accepted = sub.accepted().clone();
+        let sink = sub.sink().clone();
+        let mut changes = self.gw.subscribe_changes();
+        let mut updates = self.gw.watches.updates.subscribe();
+        let mut watched = std::collections::HashMap::new();
+        let mut guards = Vec::new();
+        for uri in accepted.resource_subscriptions.iter().flatten() {
+            let watch = match self.route_visible_uri(uri, &p) {
+                Ok((idx, original)) => self
+                    .gw
+                    .watch_resource(idx, original.clone())
+                    .await
+                    .map(|g| (g, (idx, original))),
+                Err(e) => Err(e.message.to_string()),
+            };
+            match watch {
+                Ok((guard, key)) => {
+                    guards.push(guard);
+                    watched.insert(key, uri.clone());
+                }
+                Err(e) => {
+                    tracing::info!(uri = %uri, error = %e, "a listen stream's resource is not watched")
+                }
+            }
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            use tokio::sync::broadcast::error::RecvError;
+            let sent = tokio::select! {
+                _ = sub.cancelled() => return Ok(()),
+                _ = self.gw.shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {
+                    // Draining: end gracefully rather than hold the drain up.
+                    if self.gw.inflight.is_draining() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                change = changes.recv() => match change {
+                    Ok(kind) => Self::announce(&sink, &accepted, kind).await,
+                    Err(RecvError::Lagged(_)) => {
+                        let mut r = Ok(());
+                        for kind in [ListKind::Tools, ListKind::Prompts, ListKind::Resources] {
+                            r = r.and(Self::announce(&sink, &accepted, kind).await);
+                        }
+                        r
+                    }
+                    Err(RecvError::Closed) => return Ok(()),
+                },
+                update = updates.recv() => match update {
+                    Ok(key) => match watched.get(&key) {
+                        Some(uri) => sink.notify_resource_updated(uri.clone()).await,
+                        None => Ok(()),
+                    },
+                    Err(RecvError::Lagged(_)) => Ok(()),
+                    Err(RecvError::Closed) => return Ok(()),
+                },
+            };
+            if let Err(SubscriptionSendError::SubscriptionClosed) = sent {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The definition of an exposed tool, from the catalog (rmcp checks a
+    /// 2026-07-28 request's `Mcp-Param-*` headers against its input schema).
+    /// Not cut to a tenant: it says nothing a call would not, and the call
+    /// itself is still checked.
+    fn get_tool(&self, name: &str) -> Option<rmcp::model::Tool> {
+        let snap = self.gw.snapshot();
+        if snap.tool_routes.resolve(name).is_some() {
+            return snap.tools.iter().find(|t| t.name == name).cloned();
+        }
+        if name == STATUS_TOOL {
+            return Some(status_tool());
+        }
+        if self.gw.mesh.get().is_some() && crate::mesh::tools::NAMES.contains(&name) {
+            return crate::mesh::tools::definitions()
+                .into_iter()
+                .find(|t| t.name == name);
+        }
+        None
+    }
+
     async fn initialize(
         &self,
         request: InitializeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<InitializeResult, McpError> {
         self.caller(&context, scope::MCP_READ, "initialize")?;
+        self.register();
         if let Some(slot) = request_ext::<crate::clients::SessionSlot>(&context)
             && let Ok(mut slot) = slot.0.lock()
         {
@@ -1178,13 +2129,18 @@ impl ServerHandler for GatewayHandler {
                     ),
                 )
             })?;
-        request.name = route.original;
+        let exposed = std::mem::replace(&mut request.name, route.original);
         let r = match self
-            .forward(
+            .forward_call(
+                &p,
                 route.upstream,
                 ClientRequest::GetPromptRequest(GetPromptRequest::new(request)),
                 &ctx,
                 None,
+                CallSubject {
+                    method: "prompts/get",
+                    name: &exposed,
+                },
             )
             .await
         {
@@ -1243,13 +2199,18 @@ impl ServerHandler for GatewayHandler {
         let p = self.caller(&ctx, scope::MCP_READ, "resources/read")?;
         let (idx, original) = self.route_visible_uri(&request.uri, &p)?;
         let name = self.upstream(idx)?.config.name.clone();
-        request.uri = original;
+        let exposed = std::mem::replace(&mut request.uri, original);
         let r = match self
-            .forward(
+            .forward_call(
+                &p,
                 idx,
                 ClientRequest::ReadResourceRequest(ReadResourceRequest::new(request)),
                 &ctx,
                 None,
+                CallSubject {
+                    method: "resources/read",
+                    name: &exposed,
+                },
             )
             .await
         {
@@ -1285,6 +2246,11 @@ impl ServerHandler for GatewayHandler {
         ctx: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
         let uri = std::mem::take(&mut request.uri);
+        let p = self.caller(&ctx, scope::MCP_READ, "resources/subscribe")?;
+        let (idx, original) = self.route_visible_uri(&uri, &p)?;
+        if self.upstream(idx)?.era.is_modern() {
+            return self.watch_for_session(idx, original, uri, &ctx).await;
+        }
         self.forward_for_uri("resources/subscribe", &uri, &ctx, |original| {
             request.uri = original;
             ClientRequest::SubscribeRequest(SubscribeRequest::new(request))
@@ -1298,6 +2264,17 @@ impl ServerHandler for GatewayHandler {
         ctx: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
         let uri = std::mem::take(&mut request.uri);
+        let watching = self
+            .state
+            .watches
+            .lock()
+            .ok()
+            .and_then(|mut w| w.remove(&uri));
+        if let Some(task) = watching {
+            self.caller(&ctx, scope::MCP_READ, "resources/unsubscribe")?;
+            task.abort();
+            return Ok(());
+        }
         self.forward_for_uri("resources/unsubscribe", &uri, &ctx, |original| {
             request.uri = original;
             ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(request))
@@ -1366,6 +2343,12 @@ impl ServerHandler for GatewayHandler {
         request: SetLevelRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
+        if is_modern(&ctx) {
+            return Err(err(
+                ErrorCode::METHOD_NOT_FOUND,
+                "logging/setLevel is not part of 2026-07-28: put io.modelcontextprotocol/logLevel into each request's _meta instead".into(),
+            ));
+        }
         self.caller(&ctx, scope::MCP_READ, "logging/setLevel")?;
         if let Ok(mut l) = self.state.log_level.lock() {
             *l = Some(request.level);
@@ -1380,9 +2363,12 @@ impl ServerHandler for GatewayHandler {
             .cloned()
             .collect();
         for c in conns {
+            // A 2026-07-28 upstream has no logging/setLevel: the level goes
+            // with each request instead (see `attempt`).
             if c.conn
                 .peer_info()
                 .is_some_and(|i| i.capabilities.logging.is_some())
+                && !is_modern_connection(c.conn.peer())
             {
                 let _ = c
                     .conn
@@ -1420,5 +2406,141 @@ impl ServerHandler for GatewayHandler {
         self.bind_session_id(&context.extensions);
         self.state.entry.touch();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshgate_core::auth::{CredentialKind, Role};
+
+    fn principal(tenant: &str, subject: &str) -> Principal {
+        Principal {
+            subject: subject.into(),
+            tenant: tenant.into(),
+            role: Role::Developer,
+            scopes: Vec::new(),
+            key_id: None,
+            kind: CredentialKind::ApiKey,
+            rate_limit_per_minute: None,
+        }
+    }
+
+    fn parked() -> Parked {
+        let (_asks_tx, asks) = tokio::sync::mpsc::channel(1);
+        let (_done_tx, done) = tokio::sync::oneshot::channel();
+        let (pending, _answer) = tokio::sync::oneshot::channel();
+        Parked {
+            expires: Instant::now() + PARK_TTL,
+            key: "roots".into(),
+            request: InputRequest::ListRoots(Default::default()),
+            pending,
+            run: RunningCall {
+                done,
+                asks,
+                _cancel: tokio_util::sync::CancellationToken::new().drop_guard(),
+            },
+        }
+    }
+
+    const CALL: CallSubject<'static> = CallSubject {
+        method: "tools/call",
+        name: "fx__elicit",
+    };
+
+    #[test]
+    fn hmac_sha256_matches_rfc_4231_test_case_1() {
+        // A 20-byte key is zero-padded by HMAC itself, so padding it to 32 is the same key.
+        let mut key = [0u8; 32];
+        key[..20].fill(0x0b);
+        assert_eq!(
+            hex(&hmac_sha256(&key, b"Hi There")),
+            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
+        );
+    }
+
+    #[test]
+    fn request_state_resumes_once_and_only_for_its_principal_and_call() {
+        let calls = ParkedCalls::new().expect("random key");
+        let ann = principal("t1", "ann");
+        let state = calls
+            .park(parked(), &ann, CALL)
+            .map_err(|_| ())
+            .expect("parked");
+        assert!(ParkedCalls::is_ours(&state));
+
+        let refused = |p: &Principal, subject: CallSubject<'_>, state: &str| {
+            calls.resume(state, p, subject).err().map(|e| e.code)
+        };
+        let other_call = CallSubject {
+            method: "tools/call",
+            name: "fx__sample",
+        };
+        assert_eq!(
+            refused(&principal("t1", "bob"), CALL, &state),
+            Some(ErrorCode::INVALID_PARAMS)
+        );
+        assert_eq!(
+            refused(&principal("t2", "ann"), CALL, &state),
+            Some(ErrorCode::INVALID_PARAMS)
+        );
+        assert_eq!(
+            refused(&ann, other_call, &state),
+            Some(ErrorCode::INVALID_PARAMS)
+        );
+        let mut tampered = state.clone();
+        tampered.insert(STATE_PREFIX.len(), '0');
+        assert_eq!(
+            refused(&ann, CALL, &tampered),
+            Some(ErrorCode::INVALID_PARAMS)
+        );
+        assert_eq!(
+            refused(&ann, CALL, "mgp1.garbage"),
+            Some(ErrorCode::INVALID_PARAMS)
+        );
+        assert_eq!(calls.len(), 1, "refused retries leave the call waiting");
+
+        assert!(calls.resume(&state, &ann, CALL).is_ok());
+        assert_eq!(
+            refused(&ann, CALL, &state),
+            Some(ErrorCode::INVALID_PARAMS),
+            "used once"
+        );
+        assert!(calls.is_empty());
+    }
+
+    #[test]
+    fn draining_drops_every_parked_call() {
+        let calls = ParkedCalls::new().expect("random key");
+        let ann = principal("t1", "ann");
+        for _ in 0..3 {
+            calls
+                .park(parked(), &ann, CALL)
+                .map_err(|_| ())
+                .expect("parked");
+        }
+        assert_eq!(calls.prune(false), 0, "none expired");
+        assert_eq!(calls.prune(true), 3);
+        assert!(calls.is_empty());
+    }
+
+    #[test]
+    fn forwarded_meta_keeps_trace_context_and_drops_protocol_keys() {
+        let meta: RequestMetaObject = serde_json::from_value(serde_json::json!({
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/logLevel": "info",
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "progressToken": 7,
+        }))
+        .expect("meta");
+        let out = serde_json::to_value(upstream_meta(&meta)).expect("serializes");
+        assert_eq!(
+            out,
+            serde_json::json!({
+                "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                "progressToken": 7,
+            })
+        );
     }
 }

@@ -88,19 +88,22 @@ pub async fn read_checked_body(body: Body, limit: usize) -> Result<Bytes, Respon
     Ok(bytes)
 }
 
+/// Refuses an `MCP-Protocol-Version` the gateway does not speak with 400 and
+/// an `UnsupportedProtocolVersionError` (-32022, `data` listing the supported
+/// revisions and the requested one), which tells a 2026-07-28 client to
+/// retry with one of them and a dual-era client that this is a modern server.
 fn check_protocol_header(req: &Request) -> Result<(), Response> {
     if let Some(v) = req.headers().get("mcp-protocol-version") {
         let s = v.to_str().unwrap_or("<not text>");
         if ProtocolRevision::parse(s).is_none() {
-            return Err(jsonrpc_error(
-                StatusCode::BAD_REQUEST,
-                None,
-                -32600,
-                format!(
-                    "unsupported MCP-Protocol-Version `{s}`; this gateway speaks {}",
-                    ProtocolRevision::supported_list()
-                ),
-            ));
+            metrics::counter!("gateway_errors_total", "type" => "unsupported_protocol_version")
+                .increment(1);
+            let body = json!({
+                "jsonrpc": "2.0",
+                "id": Value::Null,
+                "error": meshgate_protocol::versions::unsupported_version_error(s),
+            });
+            return Err((StatusCode::BAD_REQUEST, Json(body)).into_response());
         }
     }
     Ok(())

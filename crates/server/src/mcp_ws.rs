@@ -148,7 +148,10 @@ pub async fn upgrade(
                         -32600,
                         format!(
                             "Last-Event-ID `{}` is not a sequence number of this gateway; send the last `_meta[\"meshgate.io/seq\"]` (or SSE event id) received, or omit it",
-                            last.unwrap_or_default().chars().take(64).collect::<String>()
+                            last.unwrap_or_default()
+                                .chars()
+                                .take(64)
+                                .collect::<String>()
                         ),
                     );
                 }
@@ -228,7 +231,9 @@ fn spawn_service(
                 }
                 let _ = running.waiting().await;
             }
-            Err(e) => tracing::info!(session = %sid, error = %e, "MCP session ended before initialize"),
+            Err(e) => {
+                tracing::info!(session = %sid, error = %e, "MCP session ended before initialize")
+            }
         }
         let _ = sessions.close_session(&sid).await;
     });
@@ -268,10 +273,9 @@ async fn restore(
         .initialize_session(&sid, init)
         .await
         .map_err(|e| e.to_string())?;
-    let mut initialized: ClientJsonRpcMessage = serde_json::from_value(
-        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
-    )
-    .map_err(|e| e.to_string())?;
+    let mut initialized: ClientJsonRpcMessage =
+        serde_json::from_value(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .map_err(|e| e.to_string())?;
     initialized.insert_extension(parts.clone());
     state
         .mcp_sessions

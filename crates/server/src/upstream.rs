@@ -3,9 +3,16 @@
 //! list changes, resource updates) back to the right client session.
 //!
 //! Each upstream has one *shared* connection, used for its catalog (tool,
-//! prompt and resource lists), health checks and, for stdio upstreams, for
-//! calls. Streamable HTTP upstreams get one connection *per client session*,
-//! so that everything the upstream relays belongs to exactly one client.
+//! prompt and resource lists), health checks and, for stdio upstreams and
+//! every request of a 2026-07-28 client, for calls. Streamable HTTP upstreams
+//! get one connection *per client session*, so that everything the upstream
+//! relays belongs to exactly one client.
+//!
+//! Every connection is opened in the newest revision both sides speak:
+//! `server/discover` offering 2026-07-28 first, `initialize` when the
+//! upstream is older ([`connect`], [`Era`]). What an older upstream asks of a
+//! 2026-07-28 caller (sampling, elicitation, roots) is handed to that call as
+//! an [`InputAsk`] instead of being sent to the client.
 
 // Sampling, roots and logging are deprecated in MCP 2026-07-28 but are part of
 // every session-based revision this gateway relays.
@@ -19,18 +26,20 @@ use std::time::{Duration, SystemTime};
 
 use meshgate_core::{Namer, UpstreamConfig, UpstreamTransport};
 use rmcp::model::{
-    ClientCapabilities, ClientInfo, CreateMessageRequestParams, CreateMessageResult,
-    ElicitRequestParams, ElicitResult, ErrorCode, Implementation, ListRootsResult,
-    LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
+    ClientCapabilities, ClientInfo, CreateMessageRequest, CreateMessageRequestParams,
+    CreateMessageResult, ElicitRequest, ElicitRequestParams, ElicitResult, ErrorCode,
+    Implementation, InputRequest, ListRootsRequest, ListRootsResult, LoggingLevel,
+    LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken, ProtocolVersion,
     ResourceUpdatedNotificationParam,
 };
 use rmcp::model::{LoggingMessageNotification, ResourceUpdatedNotification, ServerNotification};
+use rmcp::service::{ClientInitializeError, serve_client_with_lifecycle};
 use rmcp::service::{NotificationContext, RequestContext, RunningService};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
-use rmcp::{ClientHandler, ErrorData as McpError, RoleClient, serve_client};
+use rmcp::{ClientHandler, ClientLifecycleMode, ErrorData as McpError, RoleClient};
 use tokio::io::AsyncBufReadExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::outbox::Outbox;
 
@@ -92,19 +101,55 @@ pub enum RelayTarget {
     Session(Arc<Outbox>),
 }
 
+/// Who a call in flight on a shared connection belongs to: where what the
+/// upstream initiates during it goes.
+#[derive(Clone)]
+pub struct Caller {
+    /// The client session (for a 2026-07-28 request: the request itself).
+    pub session: u64,
+    /// Its outbound queue (progress, log messages).
+    pub outbox: Arc<Outbox>,
+    /// Set when the caller speaks 2026-07-28: it takes no server-to-client
+    /// requests, so they are handed to the call instead (see [`InputAsk`]).
+    pub modern: Option<Arc<ModernCaller>>,
+}
+
+/// What the gateway knows of a 2026-07-28 caller from its request's `_meta`.
+pub struct ModernCaller {
+    /// `io.modelcontextprotocol/logLevel`: log messages below it are not
+    /// relayed, and none at all without it.
+    pub log_level: Option<LoggingLevel>,
+    /// Where an upstream's sampling, elicitation and roots requests during
+    /// the call go: the call turns each into an `InputRequiredResult`.
+    /// `None` for requests that cannot answer with one (2026-07-28 allows it
+    /// on `tools/call`, `prompts/get` and `resources/read` only).
+    pub asks: Option<mpsc::Sender<InputAsk>>,
+}
+
+/// A request an upstream sent during a call from a 2026-07-28 client, waiting
+/// for the client's answer (which comes with the client's retry).
+pub struct InputAsk {
+    /// The upstream that asks.
+    pub upstream: String,
+    /// The request, as it goes into `inputRequests`.
+    pub request: InputRequest,
+    /// Takes the client's `inputResponses` entry, or why there is none.
+    pub reply: oneshot::Sender<Result<serde_json::Value, McpError>>,
+}
+
 /// Calls in flight on a shared connection, by session.
 #[derive(Default)]
 pub struct InFlight {
-    calls: Mutex<HashMap<u64, (u64, Arc<Outbox>)>>,
+    calls: Mutex<HashMap<u64, Caller>>,
     next: AtomicU64,
 }
 
 impl InFlight {
-    /// Registers a call from `session`; the guard unregisters it.
-    pub fn enter(self: &Arc<Self>, session: u64, client: Arc<Outbox>) -> InFlightGuard {
+    /// Registers a call from `caller`; the guard unregisters it.
+    pub fn enter(self: &Arc<Self>, caller: Caller) -> InFlightGuard {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut calls) = self.calls.lock() {
-            calls.insert(key, (session, client));
+            calls.insert(key, caller);
         }
         InFlightGuard {
             owner: self.clone(),
@@ -123,12 +168,12 @@ impl InFlight {
     }
 
     /// The single session with calls in flight, if exactly one has.
-    fn sole_session(&self) -> Result<Arc<Outbox>, &'static str> {
+    fn sole_session(&self) -> Result<Caller, &'static str> {
         let calls = self.calls.lock().map_err(|_| "internal lock poisoned")?;
-        let mut found: Option<&(u64, Arc<Outbox>)> = None;
+        let mut found: Option<&Caller> = None;
         for entry in calls.values() {
             match found {
-                Some(f) if f.0 != entry.0 => {
+                Some(f) if f.session != entry.session => {
                     return Err(
                         "several client sessions have calls in flight on this shared upstream connection",
                     );
@@ -137,7 +182,7 @@ impl InFlight {
             }
         }
         found
-            .map(|f| f.1.clone())
+            .cloned()
             .ok_or("no client call is in flight on this upstream")
     }
 }
@@ -158,6 +203,7 @@ impl Drop for InFlightGuard {
 
 /// The client side of an upstream connection: relays upstream-initiated
 /// messages to the client session(s) it serves.
+#[derive(Clone)]
 pub struct UpstreamRelay {
     upstream: usize,
     name: String,
@@ -167,7 +213,14 @@ pub struct UpstreamRelay {
     /// Upstream progress token (assigned by our client) → (client's token, client peer).
     progress: ProgressMap,
     changes: mpsc::Sender<ListChanged>,
+    /// Where resource updates of a shared connection go (to the
+    /// `subscriptions/listen` streams watching them), if anywhere.
+    updates: Option<tokio::sync::broadcast::Sender<ResourceUpdate>>,
 }
+
+/// A `notifications/resources/updated` of an upstream: its index and the
+/// resource's URI as the upstream names it.
+pub type ResourceUpdate = (usize, String);
 
 /// Where progress of one call goes: the client's token, its queue, and
 /// whether any progress has arrived (the upstream has started answering).
@@ -267,14 +320,19 @@ impl UpstreamRelay {
                 info,
                 progress: progress.clone(),
                 changes,
+                updates: None,
             },
             progress,
         )
     }
 
-    fn request_target(&self, what: &str) -> Result<Arc<Outbox>, McpError> {
+    fn request_target(&self, what: &str) -> Result<Caller, McpError> {
         match &self.target {
-            RelayTarget::Session(client) => Ok(client.clone()),
+            RelayTarget::Session(client) => Ok(Caller {
+                session: 0,
+                outbox: client.clone(),
+                modern: None,
+            }),
             RelayTarget::Shared(inflight) => inflight.sole_session().map_err(|why| {
                 McpError::new(
                     ErrorCode::INTERNAL_ERROR,
@@ -288,12 +346,81 @@ impl UpstreamRelay {
         }
     }
 
+    /// Publishes the resource updates this (shared) connection receives on
+    /// `updates`.
+    pub fn with_updates(mut self, updates: tokio::sync::broadcast::Sender<ResourceUpdate>) -> Self {
+        self.updates = Some(updates);
+        self
+    }
+
     fn list_changed(&self, kind: ListKind) {
         // A full queue already holds a refresh request; dropping this one loses nothing.
         let _ = self.changes.try_send(ListChanged {
             upstream: self.upstream,
             kind,
         });
+    }
+}
+
+impl UpstreamRelay {
+    /// Hands a server-to-client request of the upstream to the 2026-07-28
+    /// call it arrived during, and waits for the client's answer (which
+    /// comes with the client's retry of that call).
+    async fn ask_modern<T: serde::de::DeserializeOwned>(
+        &self,
+        caller: &ModernCaller,
+        request: InputRequest,
+        what: &str,
+    ) -> Result<T, McpError> {
+        let Some(asks) = &caller.asks else {
+            return Err(McpError::new(
+                ErrorCode::INVALID_REQUEST,
+                format!(
+                    "upstream `{}` sent {what} (a server-to-client request of revisions up to 2025-11-25) during a request of a 2026-07-28 client that cannot carry an InputRequiredResult; only tools/call, prompts/get and resources/read can",
+                    self.name
+                ),
+                None,
+            ));
+        };
+        let (reply, answer) = oneshot::channel();
+        asks.send(InputAsk {
+            upstream: self.name.clone(),
+            request,
+            reply,
+        })
+        .await
+        .map_err(|_| relay_error(what, &self.name, "the client's call has ended"))?;
+        let value = answer.await.map_err(|_| {
+            relay_error(
+                what,
+                &self.name,
+                "the 2026-07-28 client did not retry its call with an answer in time",
+            )
+        })??;
+        serde_json::from_value(value).map_err(|e| {
+            McpError::new(
+                ErrorCode::INVALID_PARAMS,
+                format!(
+                    "the client's answer to {what} from upstream `{}` (its inputResponses entry) is not a valid result: {e}",
+                    self.name
+                ),
+                None,
+            )
+        })
+    }
+}
+
+/// Syslog order of a log level, lowest first.
+pub fn severity(level: LoggingLevel) -> u8 {
+    match level {
+        LoggingLevel::Debug => 0,
+        LoggingLevel::Info => 1,
+        LoggingLevel::Notice => 2,
+        LoggingLevel::Warning => 3,
+        LoggingLevel::Error => 4,
+        LoggingLevel::Critical => 5,
+        LoggingLevel::Alert => 6,
+        LoggingLevel::Emergency => 7,
     }
 }
 
@@ -315,12 +442,18 @@ impl ClientHandler for UpstreamRelay {
         params: CreateMessageRequestParams,
         _context: RequestContext<RoleClient>,
     ) -> Result<CreateMessageResult, McpError> {
-        let client = self.request_target("sampling/createMessage")?;
-        client
+        const WHAT: &str = "sampling/createMessage";
+        let caller = self.request_target(WHAT)?;
+        if let Some(modern) = &caller.modern {
+            let ask = InputRequest::CreateMessage(CreateMessageRequest::new(params));
+            return self.ask_modern(modern, ask, WHAT).await;
+        }
+        caller
+            .outbox
             .peer()
             .create_message(params)
             .await
-            .map_err(|e| relay_error("sampling/createMessage", &self.name, e))
+            .map_err(|e| relay_error(WHAT, &self.name, e))
     }
 
     async fn create_elicitation(
@@ -328,24 +461,36 @@ impl ClientHandler for UpstreamRelay {
         params: ElicitRequestParams,
         _context: RequestContext<RoleClient>,
     ) -> Result<ElicitResult, McpError> {
-        let client = self.request_target("elicitation/create")?;
-        client
+        const WHAT: &str = "elicitation/create";
+        let caller = self.request_target(WHAT)?;
+        if let Some(modern) = &caller.modern {
+            let ask = InputRequest::Elicitation(ElicitRequest::new(params));
+            return self.ask_modern(modern, ask, WHAT).await;
+        }
+        caller
+            .outbox
             .peer()
             .create_elicitation(params)
             .await
-            .map_err(|e| relay_error("elicitation/create", &self.name, e))
+            .map_err(|e| relay_error(WHAT, &self.name, e))
     }
 
     async fn list_roots(
         &self,
         _context: RequestContext<RoleClient>,
     ) -> Result<ListRootsResult, McpError> {
-        let client = self.request_target("roots/list")?;
-        client
+        const WHAT: &str = "roots/list";
+        let caller = self.request_target(WHAT)?;
+        if let Some(modern) = &caller.modern {
+            let ask = InputRequest::ListRoots(ListRootsRequest::default());
+            return self.ask_modern(modern, ask, WHAT).await;
+        }
+        caller
+            .outbox
             .peer()
             .list_roots()
             .await
-            .map_err(|e| relay_error("roots/list", &self.name, e))
+            .map_err(|e| relay_error(WHAT, &self.name, e))
     }
 
     async fn on_progress(
@@ -372,7 +517,14 @@ impl ClientHandler for UpstreamRelay {
         match &self.target {
             RelayTarget::Session(client) => client.push(log(params)).await,
             RelayTarget::Shared(inflight) => match inflight.sole_session() {
-                Ok(client) => client.push(log(params)).await,
+                // A 2026-07-28 caller gets log messages only at or above the
+                // level its request asked for, and none without one.
+                Ok(caller)
+                    if caller.modern.as_ref().is_some_and(|m| {
+                        m.log_level
+                            .is_none_or(|floor| severity(params.level) < severity(floor))
+                    }) => {}
+                Ok(caller) => caller.outbox.push(log(params)).await,
                 Err(_) => {
                     tracing::info!(upstream = %self.name, level = ?params.level, data = %params.data, "upstream log message")
                 }
@@ -385,6 +537,9 @@ impl ClientHandler for UpstreamRelay {
         mut params: ResourceUpdatedNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
+        if let Some(updates) = &self.updates {
+            let _ = updates.send((self.upstream, params.uri.clone()));
+        }
         if let RelayTarget::Session(client) = &self.target {
             params.uri = self.namer.uri(&self.name, &params.uri);
             client
@@ -427,82 +582,179 @@ pub enum ConnectError {
     Timeout(Duration),
 }
 
-/// Opens a connection to `cfg` and completes the MCP handshake.
+/// Which revision era an upstream was found to speak, remembered for its
+/// reconnects (the specification asks clients to cache it per server).
+#[derive(Default)]
+pub struct Era(std::sync::atomic::AtomicU8, Mutex<Option<ProtocolVersion>>);
+
+// 0 (the default): not yet known.
+const ERA_MODERN: u8 = 1;
+const ERA_LEGACY: u8 = 2;
+
+impl Era {
+    /// Whether the upstream is known to speak only the session-based revisions.
+    fn is_legacy(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == ERA_LEGACY
+    }
+
+    /// Whether the upstream was last found to speak 2026-07-28.
+    pub fn is_modern(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == ERA_MODERN
+    }
+
+    /// The revision of the upstream's last connection, once connected.
+    pub fn revision(&self) -> Option<ProtocolVersion> {
+        self.1.lock().ok().and_then(|v| v.clone())
+    }
+
+    fn learn(&self, conn: &UpstreamConnection) {
+        let era = if is_modern_connection(conn.peer()) {
+            ERA_MODERN
+        } else {
+            ERA_LEGACY
+        };
+        self.0.store(era, Ordering::Relaxed);
+        if let Ok(mut v) = self.1.lock() {
+            *v = conn.peer_info().map(|i| i.protocol_version.clone());
+        }
+    }
+}
+
+/// Whether a connection speaks 2026-07-28 or later (opened with
+/// `server/discover`, every request self-contained) rather than a
+/// session-based revision.
+pub fn is_modern_connection(peer: &rmcp::Peer<RoleClient>) -> bool {
+    peer.peer_info()
+        .is_some_and(|i| !i.protocol_version.has_initialize())
+}
+
+/// Whether a failed `server/discover` opening means the upstream speaks only
+/// session-based revisions (it answered with the versions it supports, none
+/// of them 2026-07-28): then `initialize` follows on a new connection.
+fn wants_initialize(e: &ClientInitializeError) -> bool {
+    matches!(e, ClientInitializeError::NoCompatibleProtocolVersion { .. })
+}
+
+/// Opens a connection to `cfg` and completes the MCP handshake: the newest
+/// revision both sides speak, 2026-07-28 (opened with `server/discover`)
+/// when the upstream does, else `initialize` (at once when `era` says the
+/// upstream is legacy, or after the probe). An upstream that answers the
+/// probe with the versions it supports is connected again with
+/// `initialize` (for stdio: a new process).
 pub async fn connect(
     cfg: &UpstreamConfig,
     relay: UpstreamRelay,
     http: &crate::gateway::HttpClients,
+    era: &Era,
 ) -> Result<UpstreamConnection, ConnectError> {
     let limit = Duration::from_secs(cfg.connect_timeout_secs);
-    let name = cfg.name.clone();
     let fut = async {
-        match cfg.transport {
-            UpstreamTransport::Stdio => {
-                let program = cfg.command.clone().unwrap_or_default();
-                let mut cmd = tokio::process::Command::new(&program);
-                cmd.args(&cfg.args).env_clear();
-                for key in ["PATH", "HOME"] {
-                    if let Some(v) = std::env::var_os(key) {
-                        cmd.env(key, v);
-                    }
-                }
-                cmd.envs(&cfg.env);
-                if let Some(dir) = &cfg.cwd {
-                    cmd.current_dir(dir);
-                }
-                let (proc, stderr) = TokioChildProcess::builder(cmd)
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .map_err(|source| ConnectError::Spawn {
-                        command: program.clone(),
-                        source,
-                    })?;
-                if let Some(stderr) = stderr {
-                    let upstream = name.clone();
-                    tokio::spawn(async move {
-                        let mut lines = tokio::io::BufReader::new(stderr).lines();
-                        while let Ok(Some(line)) = lines.next_line().await {
-                            tracing::info!(upstream = %upstream, stream = "stderr", "{line}");
-                        }
-                    });
-                }
-                serve_client(relay, proc)
-                    .await
-                    .map_err(|e| ConnectError::Handshake(e.to_string()))
+        let probe = ClientLifecycleMode::Auto {
+            preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            legacy_version: None,
+        };
+        let first = if era.is_legacy() {
+            ClientLifecycleMode::Initialize
+        } else {
+            probe
+        };
+        let retry = first != ClientLifecycleMode::Initialize;
+        match handshake(cfg, relay.clone(), http, first).await {
+            Err(Failure::Handshake(e)) if retry && wants_initialize(&e) => {
+                tracing::debug!(upstream = %cfg.name, error = %e, "upstream speaks no 2026-07-28; connecting with initialize");
+                handshake(cfg, relay, http, ClientLifecycleMode::Initialize).await
             }
-            UpstreamTransport::StreamableHttp => {
-                let mut config = StreamableHttpClientTransportConfig::with_uri(
-                    cfg.url.clone().unwrap_or_default(),
-                )
-                .max_concurrent_requests(256);
-                for (k, v) in &cfg.headers {
-                    match (
-                        http::HeaderName::try_from(k.as_str()),
-                        http::HeaderValue::try_from(v.as_str()),
-                    ) {
-                        (Ok(k), Ok(v)) => {
-                            config.custom_headers.insert(k, v);
-                        }
-                        _ => {
-                            return Err(ConnectError::Handshake(format!(
-                                "header `{k}` is not a valid HTTP header"
-                            )));
-                        }
-                    }
-                }
-                let client = http
-                    .for_url(&cfg.url.clone().unwrap_or_default())
-                    .map_err(ConnectError::Handshake)?;
-                let transport = StreamableHttpClientTransport::with_client(client, config);
-                serve_client(relay, transport)
-                    .await
-                    .map_err(|e| ConnectError::Handshake(e.to_string()))
-            }
+            other => other,
         }
     };
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(ConnectError::Timeout(limit)),
+    let conn = match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(Failure::Connect(e))) => return Err(e),
+        Ok(Err(Failure::Handshake(e))) => return Err(ConnectError::Handshake(e.to_string())),
+        Err(_) => return Err(ConnectError::Timeout(limit)),
+    };
+    era.learn(&conn);
+    Ok(conn)
+}
+
+/// Why one connection attempt failed.
+enum Failure {
+    Connect(ConnectError),
+    Handshake(Box<ClientInitializeError>),
+}
+
+/// Opens the transport of `cfg` (for stdio: starts the process) and runs
+/// the handshake of `lifecycle` on it.
+async fn handshake(
+    cfg: &UpstreamConfig,
+    relay: UpstreamRelay,
+    http: &crate::gateway::HttpClients,
+    lifecycle: ClientLifecycleMode,
+) -> Result<UpstreamConnection, Failure> {
+    let name = cfg.name.clone();
+    match cfg.transport {
+        UpstreamTransport::Stdio => {
+            let program = cfg.command.clone().unwrap_or_default();
+            let mut cmd = tokio::process::Command::new(&program);
+            cmd.args(&cfg.args).env_clear();
+            for key in ["PATH", "HOME"] {
+                if let Some(v) = std::env::var_os(key) {
+                    cmd.env(key, v);
+                }
+            }
+            cmd.envs(&cfg.env);
+            if let Some(dir) = &cfg.cwd {
+                cmd.current_dir(dir);
+            }
+            let (proc, stderr) = TokioChildProcess::builder(cmd)
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|source| {
+                    Failure::Connect(ConnectError::Spawn {
+                        command: program.clone(),
+                        source,
+                    })
+                })?;
+            if let Some(stderr) = stderr {
+                let upstream = name.clone();
+                tokio::spawn(async move {
+                    let mut lines = tokio::io::BufReader::new(stderr).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        tracing::info!(upstream = %upstream, stream = "stderr", "{line}");
+                    }
+                });
+            }
+            serve_client_with_lifecycle(relay, proc, lifecycle)
+                .await
+                .map_err(|e| Failure::Handshake(Box::new(e)))
+        }
+        UpstreamTransport::StreamableHttp => {
+            let mut config =
+                StreamableHttpClientTransportConfig::with_uri(cfg.url.clone().unwrap_or_default())
+                    .max_concurrent_requests(256);
+            for (k, v) in &cfg.headers {
+                match (
+                    http::HeaderName::try_from(k.as_str()),
+                    http::HeaderValue::try_from(v.as_str()),
+                ) {
+                    (Ok(k), Ok(v)) => {
+                        config.custom_headers.insert(k, v);
+                    }
+                    _ => {
+                        return Err(Failure::Connect(ConnectError::Handshake(format!(
+                            "header `{k}` is not a valid HTTP header"
+                        ))));
+                    }
+                }
+            }
+            let client = http
+                .for_url(&cfg.url.clone().unwrap_or_default())
+                .map_err(|e| Failure::Connect(ConnectError::Handshake(e)))?;
+            let transport = StreamableHttpClientTransport::with_client(client, config);
+            serve_client_with_lifecycle(relay, transport, lifecycle)
+                .await
+                .map_err(|e| Failure::Handshake(Box::new(e)))
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 mod auth;
 mod bad_input;
 mod drain;
+mod dual_stack;
 mod everything;
 mod failover;
 mod federation;
