@@ -23,8 +23,8 @@ use rmcp::{ClientLifecycleMode, ClientServiceExt, RoleClient};
 use serde_json::{Value, json};
 
 use crate::support::{
-    ACCEPT_BOTH, Gateway, GatewayConfig, RawSession, SAMPLED_TEXT, Seen, SseReader, TestClient,
-    WAIT, call_tool, connect, fixture_bin, text_of, tool_names,
+    ACCEPT_BOTH, Gateway, GatewayConfig, RawSession, SAMPLED_TEXT, Seen, Session, SseReader,
+    TestClient, WAIT, call_tool, connect, fixture_bin, text_of, tool_names,
 };
 
 /// The revision served per request.
@@ -592,16 +592,26 @@ async fn python_sdk_2026_client_answers_elicitation_and_sampling_of_legacy_upstr
 async fn rmcp_2026_client_answers_elicitation_and_sampling_of_legacy_upstreams() {
     let env = Env::start(OLD).await;
     let (session, client) = connect_modern(&env.gw).await;
+    assert_answers_elicitation_and_sampling(&session, &client, "Name?").await;
+}
+
+/// `session` (whose handlers are `client`'s) calls `elicit` with `question`
+/// and `sample` of both upstreams; each is answered by the client once.
+async fn assert_answers_elicitation_and_sampling(
+    session: &Session,
+    client: &TestClient,
+    question: &str,
+) {
     for prefix in ["fx", "fxs"] {
         let elicited = call_tool(
-            &session,
+            session,
             &format!("{prefix}__elicit"),
-            json!({"message": "Name?"}),
+            json!({"message": question}),
         )
         .await;
         assert_eq!(text_of(&elicited), r#"elicited: accept {"name":"Ann"}"#);
         let sampled = call_tool(
-            &session,
+            session,
             &format!("{prefix}__sample"),
             json!({"prompt": "6x7?"}),
         )
@@ -611,7 +621,7 @@ async fn rmcp_2026_client_answers_elicitation_and_sampling_of_legacy_upstreams()
     let seen = client.seen();
     assert_eq!(
         seen.iter()
-            .filter(|s| matches!(s, Seen::Elicitation(m) if m == "Name?"))
+            .filter(|s| matches!(s, Seen::Elicitation(m) if m == question))
             .count(),
         2,
         "{seen:#?}"
@@ -801,37 +811,7 @@ async fn session_client_answers_elicitation_and_sampling_of_older_upstreams() {
 /// upstreams; its handlers answer them.
 async fn assert_session_client_answers_elicitation_and_sampling(env: &Env) {
     let (session, client) = connect(&env.gw).await;
-    for prefix in ["fx", "fxs"] {
-        let elicited = call_tool(
-            &session,
-            &format!("{prefix}__elicit"),
-            json!({"message": "Who?"}),
-        )
-        .await;
-        assert_eq!(text_of(&elicited), r#"elicited: accept {"name":"Ann"}"#);
-        let sampled = call_tool(
-            &session,
-            &format!("{prefix}__sample"),
-            json!({"prompt": "6x7?"}),
-        )
-        .await;
-        assert_eq!(text_of(&sampled), format!("sampled: {SAMPLED_TEXT}"));
-    }
-    let seen = client.seen();
-    assert_eq!(
-        seen.iter()
-            .filter(|s| matches!(s, Seen::Elicitation(m) if m == "Who?"))
-            .count(),
-        2,
-        "{seen:#?}"
-    );
-    assert_eq!(
-        seen.iter()
-            .filter(|s| matches!(s, Seen::Sampling(_)))
-            .count(),
-        2,
-        "{seen:#?}"
-    );
+    assert_answers_elicitation_and_sampling(&session, &client, "Who?").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
