@@ -444,10 +444,17 @@ async fn run(
             }
             Err(e) => {
                 tracing::info!(session = %sid, error = %e, "could not resume an MCP session over WebSocket");
-                let _ = ctl_tx.send(Control::Close(
-                    1011,
-                    "the MCP session could not be resumed; connect without Mcp-Session-Id and initialize".into(),
-                ));
+                // A close reason holds at most 123 bytes.
+                let mut reason = format!("cannot resume the MCP session: {e}");
+                if reason.len() > 120 {
+                    let mut cut = 117;
+                    while !reason.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    reason.truncate(cut);
+                    reason.push_str("...");
+                }
+                let _ = ctl_tx.send(Control::Close(1011, reason));
             }
         }
     }

@@ -39,6 +39,9 @@ use tokio_stream::wrappers::ReceiverStream;
 pub const SEQ_META: &str = "meshgate.io/seq";
 /// Transport switches and resumptions kept per session for its trace.
 const MAX_EVENTS: usize = 32;
+/// How far a resuming client's number may be above this process's
+/// numbering (clock-based, x1024 per ms): about 12 hours of clock difference.
+const MAX_CLOCK_LEAD: u64 = 12 * 3600 * 1000 * 1024;
 /// Messages queued toward one attachment; a consumer that reads no faster
 /// holds the session's streams back (and so its outbound queue degrades).
 const ATTACHMENT_QUEUE: usize = 64;
@@ -151,7 +154,8 @@ impl ResumeBuffer for MemoryBuffer {
             return Replay::default();
         };
         b.trim(&self.limits, Instant::now());
-        let lost = (b.dropped_upto > seq.max(b.acked)).then_some((seq + 1, b.dropped_upto));
+        let from = seq.max(b.acked);
+        let lost = (b.dropped_upto > from).then(|| (from.saturating_add(1), b.dropped_upto));
         Replay {
             messages: b
                 .held
@@ -217,9 +221,35 @@ struct LogState {
     delivered: BTreeMap<u64, Option<u64>>,
     last_via: Option<Via>,
     events: VecDeque<Value>,
+    /// POST attachments whose stream ended with the client still reading:
+    /// what went to them was received.
+    completed: std::collections::HashSet<u64>,
+    /// The session ended: nothing more is numbered or kept.
+    closed: bool,
 }
 
 impl LogState {
+    /// A fresh log. Numbering starts from the clock (x1024), so a session
+    /// resumed after a restart or on another process continues above every
+    /// number the client saw before.
+    fn new() -> LogState {
+        LogState {
+            last_seq: u64::try_from(meshgate_store::now_ms())
+                .unwrap_or(0)
+                .saturating_mul(1024),
+            ..LogState::default()
+        }
+    }
+
+    /// Whether the client has message `seq` from another attachment: one
+    /// still live, or a response stream that ended with the client reading.
+    fn received(&self, seq: u64) -> bool {
+        match self.delivered.get(&seq).copied().flatten() {
+            Some(a) => self.alive(a) || self.completed.contains(&a),
+            None => false,
+        }
+    }
+
     fn alive(&self, att: u64) -> bool {
         self.attachments
             .get(&att)
@@ -255,6 +285,16 @@ pub enum ResumeError {
         "Last-Event-ID `{0}` is not an event id of this gateway (a decimal sequence number from an SSE `id:` or `_meta[\"meshgate.io/seq\"]`)"
     )]
     BadEventId(String),
+    /// A cursor above anything the session sent.
+    #[error(
+        "Last-Event-ID {given} is ahead of this session (its last message is {last}); send the last sequence number received"
+    )]
+    AheadOfSession {
+        /// The client's cursor.
+        given: u64,
+        /// The session's last sequence number.
+        last: u64,
+    },
     /// The session has no log (closed).
     #[error("session `{0}` not found")]
     NotFound(SessionId),
@@ -268,6 +308,8 @@ pub struct SequencedSessions {
     buffer: Arc<dyn ResumeBuffer>,
     next_attachment: AtomicU64,
     reorder_window: Duration,
+    /// Routing records kept per session (the buffer's message limit).
+    delivered_cap: usize,
 }
 
 impl SequencedSessions {
@@ -277,6 +319,7 @@ impl SequencedSessions {
         inner: LocalSessionManager,
         buffer: Arc<dyn ResumeBuffer>,
         reorder_window: Duration,
+        buffered_messages: usize,
     ) -> SequencedSessions {
         SequencedSessions {
             inner: Arc::new(inner),
@@ -284,6 +327,7 @@ impl SequencedSessions {
             buffer,
             next_attachment: AtomicU64::new(1),
             reorder_window,
+            delivered_cap: buffered_messages.max(1024),
         }
     }
 
@@ -296,7 +340,7 @@ impl SequencedSessions {
             return l;
         }
         let fresh = Arc::new(SessionLog {
-            state: Mutex::new(LogState::default()),
+            state: Mutex::new(LogState::new()),
         });
         match self.logs.write() {
             Ok(mut m) => m.entry(id.clone()).or_insert(fresh).clone(),
@@ -359,6 +403,7 @@ impl SequencedSessions {
     ) {
         let buffer = self.buffer.clone();
         let window = self.reorder_window;
+        let cap = self.delivered_cap;
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             let mut reorder = Reorder::new(window);
@@ -372,7 +417,7 @@ impl SequencedSessions {
                     () = sleep_until_opt(deadline) => reorder.due(Instant::now()),
                 };
                 for ev in ready {
-                    if deliver(&id, &log, buffer.as_ref(), origin, ev)
+                    if deliver(&id, &log, buffer.as_ref(), origin, cap, ev)
                         .await
                         .is_err()
                     {
@@ -381,19 +426,23 @@ impl SequencedSessions {
                 }
             }
             for ev in reorder.flush() {
-                if deliver(&id, &log, buffer.as_ref(), origin, ev)
+                if deliver(&id, &log, buffer.as_ref(), origin, cap, ev)
                     .await
                     .is_err()
                 {
                     return;
                 }
             }
-            // The inner stream ended: a POST stream's attachment ends with it.
+            // The inner stream ended: a POST stream's attachment ends with
+            // it, received in full if the client was still reading.
             if let Some(o) = origin
                 && let Ok(mut s) = log.state.lock()
                 && s.attachments.get(&o).is_some_and(|a| a.via == Via::Http)
                 && s.fallback != Some(o)
             {
+                if s.alive(o) {
+                    s.completed.insert(o);
+                }
                 s.attachments.remove(&o);
             }
         });
@@ -427,22 +476,56 @@ impl SequencedSessions {
             return Err(ResumeError::NotFound(id.clone()));
         };
         let cursor = after.unwrap_or(0);
-        if cursor > s.last_seq {
-            // A cursor from before a restart: numbering continues above it.
+        if after.is_some() && cursor > s.last_seq {
+            // A number from another process (its clock ahead of ours):
+            // continue above it. Far beyond any clock: not one of ours.
+            if cursor - s.last_seq > MAX_CLOCK_LEAD {
+                return Err(ResumeError::AheadOfSession {
+                    given: cursor,
+                    last: s.last_seq,
+                });
+            }
             s.last_seq = cursor;
         }
+        // The client resumes: the connections it had are gone for it. Its
+        // WebSocket and its previous fallback stream are superseded (a
+        // half-open one must not swallow what is replayed or still to come),
+        // and closed ones are forgotten.
+        let superseded: Vec<u64> = s
+            .attachments
+            .iter()
+            .filter(|(id, a)| {
+                a.tx.is_closed()
+                    || (Some(**id) == s.fallback && (a.via == Via::Http || after.is_some()))
+                    || (after.is_some() && a.via == Via::WebSocket)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for old in superseded {
+            s.attachments.remove(&old);
+        }
+        s.fallback = None;
         let replay = self.buffer.after(id, cursor);
         // Room for the whole replay, so it is queued at once under the lock.
         let (tx, rx) = mpsc::channel(ATTACHMENT_QUEUE + replay.messages.len() + 1);
         let mut replayed = 0u64;
-        if let Some((from, to)) = replay.lost {
+        // Dropped by the buffer's limits and not received elsewhere: lost.
+        let lost: Vec<u64> = match (after, replay.lost) {
+            (Some(_), Some((from, to))) => {
+                let from = from.max(to.saturating_sub(self.delivered_cap as u64));
+                (from..=to).filter(|q| !s.received(*q)).collect()
+            }
+            _ => Vec::new(),
+        };
+        if let (Some(first), Some(last)) = (lost.first(), lost.last()) {
+            let n = lost.len();
             let warning = json!({
                 "jsonrpc": "2.0",
                 "method": "notifications/message",
                 "params": {"level": "warning", "logger": "meshgate", "data": {
                     "error": "messages_lost",
-                    "message": format!("messages {from}..={to} of this session were dropped from the gateway's resume buffer (mcp.resume_buffer_* limits) before this client resumed; state that depends on them must be fetched again"),
-                    "first": from, "last": to,
+                    "message": format!("{n} messages of this session (between {first} and {last}) were dropped from the gateway's resume buffer (mcp.resume_buffer_* limits) before this client resumed; state that depends on them must be fetched again"),
+                    "first": first, "last": last, "count": n,
                 }},
             });
             if let Ok(m) = serde_json::from_value::<ServerJsonRpcMessage>(warning) {
@@ -450,15 +533,13 @@ impl SequencedSessions {
             }
         }
         for (seq, message) in replay.messages {
-            let went_to = s.delivered.get(&seq).copied().flatten();
-            let received_elsewhere = match (after, went_to) {
-                // With a cursor: skip only what a live attachment has.
-                (Some(_), Some(a)) => s.alive(a),
-                (Some(_), None) => false,
-                // Without one: only what never went anywhere.
-                (None, w) => w.is_some(),
+            let skip = match after {
+                // With a cursor: skip what the client has from elsewhere.
+                Some(_) => s.received(seq),
+                // Without one: send only what never went anywhere.
+                None => s.delivered.get(&seq).copied().flatten().is_some(),
             };
-            if received_elsewhere {
+            if skip {
                 continue;
             }
             replayed += 1;
@@ -467,6 +548,14 @@ impl SequencedSessions {
         }
         if after.is_some() {
             self.buffer.ack(id, cursor);
+            // What the client acknowledged needs no routing record.
+            while s
+                .delivered
+                .first_key_value()
+                .is_some_and(|(q, _)| *q <= cursor)
+            {
+                s.delivered.pop_first();
+            }
         }
         s.attachments.insert(att, Attachment { tx, via });
         s.fallback = Some(att);
@@ -479,7 +568,7 @@ impl SequencedSessions {
                 "to": via.label(),
                 "last_event_id": after,
                 "replayed": replayed,
-                "lost": replay.lost.map(|(a, b)| b - a + 1).unwrap_or(0),
+                "lost": lost.len(),
             });
             s.event(event);
             metrics::counter!("gateway_session_resumes_total", "transport" => via.label(), "switch" => if switched { "true" } else { "false" }).increment(1);
@@ -533,6 +622,7 @@ async fn deliver(
     log: &SessionLog,
     buffer: &dyn ResumeBuffer,
     origin: Option<u64>,
+    delivered_cap: usize,
     mut ev: ServerSseMessage,
 ) -> Result<(), ()> {
     let Some(message) = ev.message.clone() else {
@@ -566,17 +656,33 @@ async fn deliver(
     let Ok(mut s) = log.state.lock() else {
         return Err(());
     };
-    s.last_seq += 1;
+    if s.closed {
+        return Err(());
+    }
+    s.last_seq = s.last_seq.saturating_add(1);
     let seq = s.last_seq;
     ev.event_id = Some(seq.to_string());
     let bytes = serde_json::to_vec(&*message).map_or(0, |v| v.len());
     buffer.push(id, seq, message, bytes);
-    s.delivered.insert(seq, permit.as_ref().map(|(t, _)| *t));
-    while s.delivered.len() > 65_536 {
+    // The target may have been superseded while we waited for room: then
+    // the current one, if it has room now, else none (a resumption replays).
+    let target = match permit {
+        Some((t, p)) if s.attachments.contains_key(&t) => {
+            p.send(ev);
+            Some(t)
+        }
+        _ => match s.target(origin) {
+            Some(t) => s
+                .attachments
+                .get(&t)
+                .and_then(|a| a.tx.try_send(ev).ok())
+                .map(|()| t),
+            None => None,
+        },
+    };
+    s.delivered.insert(seq, target);
+    while s.delivered.len() > delivered_cap {
         s.delivered.pop_first();
-    }
-    if let Some((_, p)) = permit {
-        p.send(ev);
     }
     Ok(())
 }
@@ -727,8 +833,12 @@ impl SessionManager for SequencedSessions {
 
     async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
         let r = self.inner.close_session(id).await;
-        if let Ok(mut m) = self.logs.write() {
-            m.remove(id);
+        let log = self.logs.write().ok().and_then(|mut m| m.remove(id));
+        if let Some(log) = log
+            && let Ok(mut s) = log.state.lock()
+        {
+            s.closed = true;
+            s.attachments.clear();
         }
         self.buffer.forget(id);
         Ok(r?)

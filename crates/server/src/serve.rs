@@ -124,6 +124,7 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
                 },
             )),
             Duration::from_millis(gw.config.mcp.reorder_window_ms),
+            gw.config.mcp.resume_buffer_messages,
         )),
         sealer,
         restore_hints: Arc::default(),

@@ -401,3 +401,68 @@ async fn messages_beyond_the_resume_buffer_are_reported_lost_not_silently_skippe
         "the newest messages are kept, the result among them"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_a_lagging_get_stream_replays_nothing_a_finished_response_delivered() {
+    let env = Env::start().await;
+    let gw = &env.gw;
+    let raw = RawSession::initialize(gw).await;
+    let token = raw.session.clone().expect("session id");
+    // The GET stream's last id lags behind the ids that POST answers use.
+    let get = gw
+        .client()
+        .get(gw.mcp_url())
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &token)
+        .header("mcp-protocol-version", "2025-11-25")
+        .send()
+        .await
+        .expect("GET /mcp");
+    assert_eq!(get.status(), 200);
+    drop(get);
+    let echoed = raw
+        .request(
+            "tools/call",
+            json!({"name": "fx__echo", "arguments": {"message": "once"}}),
+        )
+        .await;
+    assert_eq!(echoed["result"]["content"][0]["text"], "once", "{echoed}");
+
+    let mut sse = http_resume(gw, &token, 0).await;
+    // Nothing is owed: the echo answer went out on its finished POST stream.
+    let replayed = tokio::time::timeout(Duration::from_millis(800), sse.next()).await;
+    if let Ok(Some(event)) = &replayed {
+        assert!(
+            event.json().is_none(),
+            "a message the client already has was sent again: {event:?}"
+        );
+    }
+
+    // A number above anything the session sent is refused, with the reason.
+    let mut ws = ws_connect(gw, Some((&token, Some(u64::MAX))))
+        .await
+        .expect("upgrade");
+    let reason = loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(Message::Close(c))) => {
+                break c.map(|c| (u16::from(c.code), c.reason.to_string()));
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    let (code, reason) = reason.expect("a close frame with a reason");
+    assert_eq!(code, 1011);
+    assert!(reason.contains("ahead of this session"), "{reason}");
+    // The session itself is unharmed.
+    let again = raw
+        .request(
+            "tools/call",
+            json!({"name": "fx__echo", "arguments": {"message": "still"}}),
+        )
+        .await;
+    assert_eq!(again["result"]["content"][0]["text"], "still", "{again}");
+}
