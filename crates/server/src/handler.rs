@@ -187,6 +187,10 @@ fn upstream_error(message: String, reason: &str, data: serde_json::Value) -> Mcp
     McpError::new(ErrorCode::INTERNAL_ERROR, message, Some(d))
 }
 
+/// How often one attempt of a tools/call lists the upstream's tools again
+/// and resends the call after a -32020 (see [`GatewayHandler::attempt`]).
+const HEADER_RELISTS: u32 = 3;
+
 /// How one attempt of a forwarded request ended, when not with an answer.
 enum AttemptError {
     /// The upstream answered with a JSON-RPC error: it is alive.
@@ -726,10 +730,9 @@ impl GatewayHandler {
                 started: false,
             })?;
         let client_token = ctx.meta.get_progress_token();
-        let mut options = PeerRequestOptions::no_options();
-        options.timeout = Some(timeout);
         let mut meta = upstream_meta(&ctx.meta);
-        if is_modern_connection(&peer) {
+        let modern_upstream = is_modern_connection(&peer);
+        if modern_upstream {
             // A 2026-07-28 upstream logs only for requests that ask, at the
             // level they ask: the 2026-07-28 client's own, or the session's
             // logging/setLevel (everything when it set none, as before).
@@ -749,64 +752,101 @@ impl GatewayHandler {
                 meta.set_log_level(level);
             }
         }
-        options.meta = Some(meta);
-        // Progress the upstream sends right away waits for the route instead of being dropped.
-        let registering = match client_token {
-            Some(_) => Some(progress.registration().await),
-            None => None,
-        };
-        let handle = peer
-            .send_request_with_option(request, options)
-            .await
-            .map_err(|e| AttemptError::Transport {
-                message: format!("sending failed: {e}"),
-                started: false,
-            })?;
-        let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let outbox = self.outbox(&ctx.peer);
-        let route = client_token.clone().map(|token| {
-            progress.insert(
-                handle.progress_token.clone(),
-                token,
-                outbox.clone(),
-                seen.clone(),
-            );
-            ProgressGuard {
-                map: progress.clone(),
-                token: handle.progress_token.clone(),
-            }
-        });
-        drop(registering);
-        let id = handle.id.clone();
-        let result = tokio::select! {
-            r = handle.await_response() => r,
-            _ = ctx.ct.cancelled() => {
-                let _ = peer
-                    .notify_cancelled(CancelledNotificationParam::new(Some(id), Some("cancelled by the client".into())))
-                    .await;
-                return Err(AttemptError::Cancelled);
-            }
-        };
-        // Progress and log messages queued for this client go out before the result.
-        // The route stays while settling: the upstream's last progress can
-        // still be in a notification handler that has not run yet.
-        outbox
-            .settle(client_token.as_ref(), Duration::from_secs(1))
-            .await;
-        drop(route);
-        match result {
-            Ok(r) => Ok(r),
-            Err(ServiceError::McpError(e)) => Err(AttemptError::Answered(e)),
-            Err(ServiceError::Timeout { timeout }) => Err(AttemptError::Timeout(timeout)),
-            Err(e) => {
-                metrics::counter!("gateway_errors_total", "type" => "upstream_transport")
-                    .increment(1);
-                self.gw.report_failure(up, &e.to_string());
-                Err(AttemptError::Transport {
-                    message: format!("failed while answering: {e}"),
-                    started: seen.load(Ordering::Acquire),
-                })
-            }
+        // rmcp's client transport mirrors a tools/call argument marked
+        // `x-mcp-header` into its `Mcp-Param-*` header only for tools it has
+        // cached from a tools/list answer on that same connection, and that
+        // cache can miss: a per-session connection has never listed, and
+        // rmcp (3.9) hands a tools/list answer that arrives on an SSE stream
+        // to the caller without caching it when the stream's end is handled
+        // first. A 2026-07-28 upstream then refuses the call with -32020
+        // (HTTP 400, before its handler runs, so nothing was executed): the
+        // call is sent again after a tools/list on the same connection.
+        let relist = modern_upstream && matches!(request, ClientRequest::CallToolRequest(_));
+        let mut request = request;
+        let mut relists: u32 = 0;
+        let began = Instant::now();
+        loop {
+            let left = timeout
+                .saturating_sub(began.elapsed())
+                .max(Duration::from_millis(1));
+            let mut options = PeerRequestOptions::no_options();
+            options.timeout = Some(left);
+            options.meta = Some(meta.clone());
+            let again = (relist && relists < HEADER_RELISTS).then(|| request.clone());
+            // Progress the upstream sends right away waits for the route instead of being dropped.
+            let registering = match client_token {
+                Some(_) => Some(progress.registration().await),
+                None => None,
+            };
+            let handle = peer
+                .send_request_with_option(request, options)
+                .await
+                .map_err(|e| AttemptError::Transport {
+                    message: format!("sending failed: {e}"),
+                    started: false,
+                })?;
+            let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let outbox = self.outbox(&ctx.peer);
+            let route = client_token.clone().map(|token| {
+                progress.insert(
+                    handle.progress_token.clone(),
+                    token,
+                    outbox.clone(),
+                    seen.clone(),
+                );
+                ProgressGuard {
+                    map: progress.clone(),
+                    token: handle.progress_token.clone(),
+                }
+            });
+            drop(registering);
+            let id = handle.id.clone();
+            let result = tokio::select! {
+                r = handle.await_response() => r,
+                _ = ctx.ct.cancelled() => {
+                    let _ = peer
+                        .notify_cancelled(CancelledNotificationParam::new(Some(id), Some("cancelled by the client".into())))
+                        .await;
+                    return Err(AttemptError::Cancelled);
+                }
+            };
+            // Progress and log messages queued for this client go out before the result.
+            // The route stays while settling: the upstream's last progress can
+            // still be in a notification handler that has not run yet.
+            outbox
+                .settle(client_token.as_ref(), Duration::from_secs(1))
+                .await;
+            drop(route);
+            return match result {
+                Ok(r) => Ok(r),
+                Err(ServiceError::McpError(e)) => {
+                    if e.code == ErrorCode::HEADER_MISMATCH
+                        && let Some(again) = again
+                    {
+                        relists += 1;
+                        tracing::debug!(upstream = %up.config.name, relists, error = %e.message, "upstream refused a tools/call's headers; listing its tools on this connection and sending the call again");
+                        let listed = tokio::select! {
+                            r = tokio::time::timeout(left, peer.list_all_tools()) => r,
+                            _ = ctx.ct.cancelled() => return Err(AttemptError::Cancelled),
+                        };
+                        if matches!(listed, Ok(Ok(_))) {
+                            request = again;
+                            continue;
+                        }
+                    }
+                    Err(AttemptError::Answered(e))
+                }
+                Err(ServiceError::Timeout { .. }) => Err(AttemptError::Timeout(timeout)),
+                Err(e) => {
+                    metrics::counter!("gateway_errors_total", "type" => "upstream_transport")
+                        .increment(1);
+                    self.gw.report_failure(up, &e.to_string());
+                    Err(AttemptError::Transport {
+                        message: format!("failed while answering: {e}"),
+                        started: seen.load(Ordering::Acquire),
+                    })
+                }
+            };
         }
     }
 
@@ -1193,24 +1233,21 @@ struct CallSubject<'a> {
     name: &'a str,
 }
 
-/// HMAC-SHA256 (RFC 2104).
-fn hmac_sha256(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    let mut inner_key = [0x36u8; 64];
-    let mut outer_key = [0x5cu8; 64];
-    for (i, k) in key.iter().enumerate() {
-        inner_key[i] ^= k;
-        outer_key[i] ^= k;
+/// HMAC-SHA256 of `fields`, each prefixed with its length so that no two
+/// different field lists give the same input (tenants and subjects may hold
+/// any separator).
+fn hmac_sha256(key: &[u8; 32], fields: &[&[u8]]) -> [u8; 32] {
+    use hmac::{Mac, SimpleHmac};
+    // SimpleHmac takes keys of any length, so `new_from_slice` cannot fail
+    // here; an empty tag would only make every state invalid.
+    let Ok(mut mac) = SimpleHmac::<sha2::Sha256>::new_from_slice(key) else {
+        return [0; 32];
+    };
+    for f in fields {
+        mac.update(&(f.len() as u64).to_be_bytes());
+        mac.update(f);
     }
-    let inner = Sha256::new()
-        .chain_update(inner_key)
-        .chain_update(message)
-        .finalize();
-    Sha256::new()
-        .chain_update(outer_key)
-        .chain_update(inner)
-        .finalize()
-        .into()
+    mac.finalize().into_bytes().into()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -1252,11 +1289,19 @@ impl ParkedCalls {
     }
 
     fn mac(&self, id: &str, exp: u64, p: &Principal, subject: CallSubject<'_>) -> String {
-        let message = format!(
-            "{STATE_PREFIX}|{id}|{exp}|{}|{}|{}|{}",
-            p.tenant, p.subject, subject.method, subject.name
-        );
-        hex(&hmac_sha256(&self.key, message.as_bytes()))
+        let exp = exp.to_string();
+        hex(&hmac_sha256(
+            &self.key,
+            &[
+                STATE_PREFIX.as_bytes(),
+                id.as_bytes(),
+                exp.as_bytes(),
+                p.tenant.as_bytes(),
+                p.subject.as_bytes(),
+                subject.method.as_bytes(),
+                subject.name.as_bytes(),
+            ],
+        ))
     }
 
     /// Whether `state` has the form of a gateway-issued `requestState`
@@ -2449,14 +2494,13 @@ mod tests {
     };
 
     #[test]
-    fn hmac_sha256_matches_rfc_4231_test_case_1() {
-        // A 20-byte key is zero-padded by HMAC itself, so padding it to 32 is the same key.
-        let mut key = [0u8; 32];
-        key[..20].fill(0x0b);
-        assert_eq!(
-            hex(&hmac_sha256(&key, b"Hi There")),
-            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
-        );
+    fn request_state_macs_keep_field_boundaries() {
+        let key = [7u8; 32];
+        let a = hmac_sha256(&key, &[b"acme", b"auth0|x"]);
+        let b = hmac_sha256(&key, &[b"acme|auth0", b"x"]);
+        assert_ne!(a, b, "moving a separator between fields changes the tag");
+        assert_eq!(a, hmac_sha256(&key, &[b"acme", b"auth0|x"]));
+        assert_ne!(a, hmac_sha256(&[8u8; 32], &[b"acme", b"auth0|x"]));
     }
 
     #[test]
