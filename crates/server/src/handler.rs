@@ -921,20 +921,57 @@ impl GatewayHandler {
         ))
     }
 
-    /// When `exposed` carries the prefix of an upstream that has not been
-    /// listed because it is down, the error that says so (instead of
-    /// "unknown tool").
-    fn unlisted_because_down(&self, exposed: &str, p: &Principal) -> Option<McpError> {
+    /// The upstream whose prefix `exposed` carries, if `p` may see it.
+    fn prefixed_upstream(&self, exposed: &str, p: &Principal) -> Option<&Arc<Upstream>> {
         if !self.gw.namer.prefixed {
             return None;
         }
         let sep = &self.gw.namer.separator;
-        let up = self.gw.upstreams.iter().find(|u| {
+        self.gw.upstreams.iter().find(|u| {
             exposed
                 .strip_prefix(u.config.name.as_str())
                 .is_some_and(|rest| rest.starts_with(sep.as_str()))
                 && self.visible(u.index, p)
-        })?;
+        })
+    }
+
+    /// When `exposed` names a tool of an upstream that is still connecting
+    /// (the gateway just started, or the upstream restarts), waits for its
+    /// catalog, at most its `connect_timeout_secs` (10 s at most) or until
+    /// the request is cancelled. True when it waited and the upstream is no
+    /// longer connecting.
+    async fn wait_while_connecting(
+        &self,
+        exposed: &str,
+        p: &Principal,
+        ctx: &RequestContext<RoleServer>,
+    ) -> bool {
+        let Some(up) = self.prefixed_upstream(exposed, p) else {
+            return false;
+        };
+        let connecting = || matches!(up.status().0, crate::upstream::UpstreamStatus::Connecting);
+        if !connecting() {
+            return false;
+        }
+        let limit = Duration::from_secs(up.config.connect_timeout_secs.clamp(1, 10));
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut changes = self.gw.subscribe_changes();
+        while connecting() && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = changes.recv() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                () = ctx.ct.cancelled() => return false,
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        !connecting()
+    }
+
+    /// When `exposed` carries the prefix of an upstream that has not been
+    /// listed because it is down, the error that says so (instead of
+    /// "unknown tool").
+    fn unlisted_because_down(&self, exposed: &str, p: &Principal) -> Option<McpError> {
+        let up = self.prefixed_upstream(exposed, p)?;
         let (status, _) = up.status();
         let why = match status {
             crate::upstream::UpstreamStatus::Down(e) => e,
@@ -961,13 +998,18 @@ impl GatewayHandler {
         started: Instant,
     ) -> Result<CallToolResponse, McpError> {
         let exposed = request.name.to_string();
-        let snap = self.gw.snapshot();
-        let route = snap
-            .tool_routes
-            .resolve(&exposed)
-            .filter(|r| self.visible(r.upstream, p))
-            .cloned();
-        drop(snap);
+        let resolve = || {
+            self.gw
+                .snapshot()
+                .tool_routes
+                .resolve(&exposed)
+                .filter(|r| self.visible(r.upstream, p))
+                .cloned()
+        };
+        let mut route = resolve();
+        if route.is_none() && self.wait_while_connecting(&exposed, p, ctx).await {
+            route = resolve();
+        }
         let Some(route) = route else {
             if exposed == STATUS_TOOL {
                 self.check_tool_rules(p, STATUS_TOOL)?;
