@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     ACCEPT_BOTH, Gateway, GatewayConfig, RawSession, SAMPLED_TEXT, Seen, Session, SseReader,
-    TestClient, WAIT, call_tool, connect, fixture_bin, text_of, tool_names,
+    TestClient, WAIT, call_tool, connect, fixture_bin, python, text_of, tool_names,
 };
 
 /// The revision served per request.
@@ -204,18 +204,6 @@ async fn answer_of(r: reqwest::Response, id: i64) -> (Value, Vec<Value>) {
             .unwrap_or_else(|e| panic!("response is not JSON ({e}): {text}"));
         (v, Vec::new())
     }
-}
-
-/// `<workspace>/target/pyenv/bin/python`, made by `scripts/python-env.sh`.
-fn python() -> PathBuf {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = workspace.join("target/pyenv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: these tests drive the gateway with the Python MCP SDK; run `bash scripts/python-env.sh` in the workspace first (scripts/test.sh does)",
-        python.display()
-    );
-    python
 }
 
 /// Runs `fixtures/dual_stack_client.py` against the gateway in `mode` for the

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::support::{Env, Gateway, TempDir, WAIT, create_key, meshgate_bin};
+use crate::support::{Env, Gateway, TempDir, WAIT, create_key, meshgate_bin, python};
 
 /// A running `meshgate stdio`, killed on drop.
 struct Bridge {
@@ -272,18 +272,6 @@ fn ws_url(gw: &Gateway) -> String {
 // ---------------------------------------------------------------------------
 // The Python SDK's stdio client, end to end
 // ---------------------------------------------------------------------------
-
-/// `<workspace>/target/pyenv/bin/python`, made by `scripts/python-env.sh`.
-fn python() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = workspace.join("target/pyenv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: these tests drive the gateway with the Python MCP SDK; run `bash scripts/python-env.sh` in the workspace first (scripts/test.sh does)",
-        python.display()
-    );
-    python
-}
 
 /// Runs `fixtures/stdio_bridge_client.py` against `url`; returns its report.
 async fn python_client_through_bridge(url: &str, key: &str) -> Value {

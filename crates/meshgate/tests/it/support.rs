@@ -1279,3 +1279,16 @@ pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
+
+/// `<workspace>/target/pyenv/bin/python`, made by `scripts/python-env.sh`
+/// (the Python MCP SDK the tests drive the gateway with).
+pub fn python() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = workspace.join("target/pyenv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: these tests drive the gateway with the Python MCP SDK; run `bash scripts/python-env.sh` in the workspace first (scripts/test.sh does)",
+        python.display()
+    );
+    python
+}
