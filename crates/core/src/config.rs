@@ -16,9 +16,13 @@ use crate::auth::{Role, ToolPolicy, ToolRuleConfig};
 use crate::catalog::{PrefixMode, RESOURCE_SEPARATOR};
 
 mod mesh;
+mod tools;
 mod traffic;
+mod views;
 
 pub use mesh::MeshConfig;
+pub use tools::ToolsConfig;
+pub use views::VirtualServerConfig;
 
 pub use traffic::{
     BackpressureConfig, BreakerConfig, LimitConfig, PoolConfig, RateLimitsConfig, RetryConfig,
@@ -205,6 +209,9 @@ pub enum UpstreamTransport {
     Stdio,
     /// An MCP server over Streamable HTTP.
     StreamableHttp,
+    /// An MCP server over the 2024-11-05 HTTP+SSE transport (a `GET` event
+    /// stream plus the `POST` endpoint it names).
+    Sse,
 }
 
 /// One upstream MCP server.
@@ -213,7 +220,7 @@ pub enum UpstreamTransport {
 pub struct UpstreamConfig {
     /// Unique name; the namespace prefix of its tools.
     pub name: String,
-    /// `stdio` or `streamable_http`.
+    /// `stdio`, `streamable_http` or `sse`.
     pub transport: UpstreamTransport,
     /// Program to run (stdio).
     #[serde(default)]
@@ -221,17 +228,18 @@ pub struct UpstreamConfig {
     /// Its arguments (stdio).
     #[serde(default)]
     pub args: Vec<String>,
-    /// Environment given to the child; nothing else of the gateway's environment
-    /// is passed except `PATH` and `HOME` (stdio).
+    /// Environment given to the child, besides the `inherit_env` variables;
+    /// values may be secret references (`${env:NAME}`, `${file:/path}`) (stdio).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Working directory of the child (stdio).
     #[serde(default)]
     pub cwd: Option<PathBuf>,
-    /// Endpoint URL (streamable_http).
+    /// Endpoint URL (streamable_http; for sse the event stream's URL).
     #[serde(default)]
     pub url: Option<String>,
-    /// Extra HTTP headers sent with every request (streamable_http).
+    /// Extra HTTP headers sent with every request (streamable_http, sse);
+    /// values may be secret references (`${env:NAME}`, `${file:/path}`).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Longest a single call may take, in seconds.
@@ -266,9 +274,200 @@ pub struct UpstreamConfig {
     /// Call pool.
     #[serde(default)]
     pub pool: PoolConfig,
+    /// Results of these tools (the upstream's own names) are cached for
+    /// this many seconds; tools whose annotations say they are not
+    /// read-only are never cached.
+    #[serde(default)]
+    pub cache_ttl_secs: BTreeMap<String, u64>,
+    /// Names of the gateway's environment variables the child gets (stdio);
+    /// nothing else of the gateway's environment is ever passed.
+    #[serde(default = "default_inherit_env")]
+    pub inherit_env: Vec<String>,
+    /// One child process shared by every session, or one per client session (stdio).
+    #[serde(default)]
+    pub process: ProcessMode,
+    /// Sends the client's own `Authorization` header on the session's
+    /// connection instead of a configured one (streamable_http, sse).
+    #[serde(default)]
+    pub forward_authorization: bool,
+}
+
+/// Which child processes serve a stdio upstream's calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessMode {
+    /// One process (or `pool.processes` of them) for every client session.
+    #[default]
+    Shared,
+    /// Each client session gets its own process; the shared one keeps
+    /// serving the catalog, health checks and 2026-07-28 requests.
+    PerSession,
+}
+
+fn default_inherit_env() -> Vec<String> {
+    vec!["PATH".into(), "HOME".into()]
 }
 
 impl UpstreamConfig {
+    /// An upstream with every setting at its default (the caller fills in
+    /// the command or URL).
+    pub fn new(name: &str, transport: UpstreamTransport) -> UpstreamConfig {
+        let mut up: UpstreamConfig = serde_json::from_value(serde_json::json!({
+            "name": "x",
+            "transport": "stdio",
+        }))
+        .unwrap_or_else(|_| unreachable!("the defaults of every field parse"));
+        up.name = name.to_owned();
+        up.transport = transport;
+        up
+    }
+
+    /// Checks this upstream's settings (everything but the uniqueness of its
+    /// name), reporting problems under `prefix` (e.g. `upstreams[2]`).
+    pub fn check(&self, prefix: &str, separator: &str, errors: &mut Vec<ConfigError>) {
+        let sep = separator;
+        let k = |field: &str| format!("{prefix}.{field}");
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            && !self.name.contains(sep)
+            && !self.name.contains(RESOURCE_SEPARATOR);
+        if !name_ok {
+            errors.push(invalid(
+                &k("name"),
+                &self.name,
+                &format!("must be 1 to 64 characters from A-Z a-z 0-9 - _ and must not contain the separator `{sep}`"),
+            ));
+        }
+        match self.transport {
+            UpstreamTransport::Stdio => {
+                if self.command.as_deref().is_none_or(|c| c.trim().is_empty()) {
+                    errors.push(invalid(
+                        &k("command"),
+                        "",
+                        "a stdio upstream needs the program to run",
+                    ));
+                }
+                if self.url.is_some() {
+                    errors.push(invalid(
+                        &k("url"),
+                        self.url.as_deref().unwrap_or(""),
+                        "only streamable_http and sse upstreams take a url",
+                    ));
+                }
+            }
+            UpstreamTransport::StreamableHttp | UpstreamTransport::Sse => match self.url.as_deref() {
+                None => errors.push(invalid(
+                    &k("url"),
+                    "",
+                    if self.transport == UpstreamTransport::Sse {
+                        "an sse upstream needs the URL of its event stream (the `GET` endpoint, often ending in /sse)"
+                    } else {
+                        "a streamable_http upstream needs its endpoint URL"
+                    },
+                )),
+                Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                    errors.push(invalid(&k("url"), u, "must start with http:// or https://"))
+                }
+                Some(_) => {
+                    if self.command.is_some() {
+                        errors.push(invalid(
+                            &k("command"),
+                            self.command.as_deref().unwrap_or(""),
+                            "only stdio upstreams take a command",
+                        ));
+                    }
+                }
+            },
+        }
+        if !valid_tenant(&self.tenant) {
+            errors.push(invalid(&k("tenant"), &self.tenant, TENANT_RULE));
+        }
+        if self.timeout_secs == 0 {
+            errors.push(invalid(&k("timeout_secs"), "0", "must be at least 1"));
+        }
+        if self.connect_timeout_secs == 0 {
+            errors.push(invalid(
+                &k("connect_timeout_secs"),
+                "0",
+                "must be at least 1",
+            ));
+        }
+        for (tool, ttl) in &self.cache_ttl_secs {
+            if tool.is_empty() {
+                errors.push(invalid(
+                    &k("cache_ttl_secs"),
+                    "",
+                    "keys are the upstream's own tool names and must not be empty",
+                ));
+            } else if *ttl == 0 {
+                errors.push(invalid(
+                    &k(&format!("cache_ttl_secs.{tool}")),
+                    "0",
+                    "must be at least 1 (leave the tool out to not cache it)",
+                ));
+            }
+        }
+        self.check_process_and_secrets(prefix, errors);
+        traffic::validate_upstream(prefix, self, errors);
+    }
+
+    /// Checks `inherit_env`, `process`, `forward_authorization` and the
+    /// secret references in `headers` and `env` (never echoing a value).
+    fn check_process_and_secrets(&self, prefix: &str, errors: &mut Vec<ConfigError>) {
+        let k = |field: &str| format!("{prefix}.{field}");
+        let stdio = self.transport == UpstreamTransport::Stdio;
+        for name in &self.inherit_env {
+            if name.is_empty() || name.contains(['=', '\0']) {
+                errors.push(invalid(
+                    &k("inherit_env"),
+                    name,
+                    "entries are names of the gateway's environment variables (no `=`), e.g. [\"PATH\", \"HOME\"]",
+                ));
+            }
+        }
+        if self.process == ProcessMode::PerSession {
+            if !stdio {
+                errors.push(invalid(
+                    &k("process"),
+                    "per_session",
+                    "only stdio upstreams take `process`; streamable_http and sse upstreams already get one connection per client session",
+                ));
+            } else if self.pool.processes > 1 {
+                errors.push(invalid(
+                    &k("process"),
+                    "per_session",
+                    &format!(
+                        "cannot be combined with pool.processes = {}: each session has its own process, so there is no pool to spread calls over; remove pool.processes or use process = \"shared\"",
+                        self.pool.processes
+                    ),
+                ));
+            }
+        }
+        if self.forward_authorization && stdio {
+            errors.push(invalid(
+                &k("forward_authorization"),
+                "true",
+                "a stdio upstream has no HTTP headers; forward_authorization is for streamable_http and sse upstreams",
+            ));
+        }
+        for (field, map) in [("headers", &self.headers), ("env", &self.env)] {
+            for (key, value) in map {
+                if let Err(e) = crate::secrets::references(value) {
+                    errors.push(ConfigError::Invalid {
+                        key: k(&format!("{field}.{key}")),
+                        // Never echo what may be a secret.
+                        value: "(hidden)".into(),
+                        allowed: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
     /// The timeout of one attempt of a call to `tool` (the upstream's name).
     pub fn call_timeout(&self, tool: Option<&str>) -> std::time::Duration {
         let secs = tool
@@ -453,6 +652,10 @@ pub struct Config {
     pub backpressure: BackpressureConfig,
     /// The agent mesh.
     pub mesh: MeshConfig,
+    /// Validation, caching and discovery of federated tools.
+    pub tools: ToolsConfig,
+    /// Named views over the upstreams, at `/servers/{name}/mcp`.
+    pub virtual_servers: Vec<VirtualServerConfig>,
 }
 
 impl Default for Config {
@@ -469,6 +672,8 @@ impl Default for Config {
             rate_limits: RateLimitsConfig::default(),
             backpressure: BackpressureConfig::default(),
             mesh: MeshConfig::default(),
+            tools: ToolsConfig::default(),
+            virtual_servers: Vec::new(),
         }
     }
 }
@@ -701,83 +906,21 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, up) in self.upstreams.iter().enumerate() {
-            let k = |field: &str| format!("upstreams[{i}].{field}");
-            let name_ok = !up.name.is_empty()
-                && up.name.len() <= 64
-                && up
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                && !up.name.contains(sep.as_str())
-                && !up.name.contains(RESOURCE_SEPARATOR);
-            if !name_ok {
+            let prefix = format!("upstreams[{i}]");
+            up.check(&prefix, sep, &mut errors);
+            if !up.name.is_empty() && !seen.insert(up.name.as_str()) {
                 errors.push(invalid(
-                    &k("name"),
-                    &up.name,
-                    &format!("must be 1 to 64 characters from A-Z a-z 0-9 - _ and must not contain the separator `{sep}`"),
-                ));
-            } else if !seen.insert(up.name.as_str()) {
-                errors.push(invalid(
-                    &k("name"),
+                    &format!("{prefix}.name"),
                     &up.name,
                     "is used by another upstream; names must be unique",
                 ));
             }
-            match up.transport {
-                UpstreamTransport::Stdio => {
-                    if up.command.as_deref().is_none_or(|c| c.trim().is_empty()) {
-                        errors.push(invalid(
-                            &k("command"),
-                            "",
-                            "a stdio upstream needs the program to run",
-                        ));
-                    }
-                    if up.url.is_some() {
-                        errors.push(invalid(
-                            &k("url"),
-                            up.url.as_deref().unwrap_or(""),
-                            "only streamable_http upstreams take a url",
-                        ));
-                    }
-                }
-                UpstreamTransport::StreamableHttp => match up.url.as_deref() {
-                    None => errors.push(invalid(
-                        &k("url"),
-                        "",
-                        "a streamable_http upstream needs its endpoint URL",
-                    )),
-                    Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
-                        errors.push(invalid(&k("url"), u, "must start with http:// or https://"))
-                    }
-                    Some(_) => {
-                        if up.command.is_some() {
-                            errors.push(invalid(
-                                &k("command"),
-                                up.command.as_deref().unwrap_or(""),
-                                "only stdio upstreams take a command",
-                            ));
-                        }
-                    }
-                },
-            }
-            if !valid_tenant(&up.tenant) {
-                errors.push(invalid(&k("tenant"), &up.tenant, TENANT_RULE));
-            }
-            if up.timeout_secs == 0 {
-                errors.push(invalid(&k("timeout_secs"), "0", "must be at least 1"));
-            }
-            if up.connect_timeout_secs == 0 {
-                errors.push(invalid(
-                    &k("connect_timeout_secs"),
-                    "0",
-                    "must be at least 1",
-                ));
-            }
-            traffic::validate_upstream(i, up, &mut errors);
         }
         self.rate_limits.validate(&mut errors);
         self.backpressure.validate(&mut errors);
         self.mesh.validate(&mut errors);
+        self.tools.validate(&mut errors);
+        views::validate(&self.virtual_servers, &mut errors);
         self.validate_auth(&mut errors);
         match errors.len() {
             0 => Ok(()),
@@ -965,30 +1108,45 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_upstream_names_are_refused() {
-        let mut c = Config::default();
-        for _ in 0..2 {
-            c.upstreams.push(UpstreamConfig {
-                name: "x".into(),
-                transport: UpstreamTransport::Stdio,
-                command: Some("true".into()),
-                args: vec![],
-                env: Default::default(),
-                cwd: None,
-                url: None,
-                headers: Default::default(),
-                timeout_secs: 1,
-                connect_timeout_secs: 1,
-                enabled: true,
-                tenant: DEFAULT_TENANT.into(),
-                shared: false,
-                deadline_secs: None,
-                tool_timeouts: Default::default(),
-                retry: Default::default(),
-                breaker: Default::default(),
-                pool: Default::default(),
-            });
+    fn sse_upstreams_need_an_http_url_and_take_no_command() {
+        let ok = Config::from_toml(
+            "[[upstreams]]\nname = \"old\"\ntransport = \"sse\"\nurl = \"http://127.0.0.1:9/sse\"\n",
+            "s.toml",
+        )
+        .expect("parses");
+        assert_eq!(ok.upstreams[0].transport, UpstreamTransport::Sse);
+        ok.validate()
+            .expect("an sse upstream with an http url is valid");
+        for (body, key, words) in [
+            ("", "upstreams[0].url", "event stream"),
+            ("url = \"ws://x/sse\"\n", "upstreams[0].url", "http://"),
+            (
+                "url = \"http://x/sse\"\ncommand = \"node\"\n",
+                "upstreams[0].command",
+                "only stdio",
+            ),
+        ] {
+            let c = Config::from_toml(
+                &format!("[[upstreams]]\nname = \"old\"\ntransport = \"sse\"\n{body}"),
+                "s.toml",
+            )
+            .expect("parses");
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(words), "{body}: {err}");
         }
+        let stdio = Config::from_toml(
+            "[[upstreams]]\nname = \"p\"\ntransport = \"stdio\"\ncommand = \"x\"\nurl = \"http://x\"\n",
+            "s.toml",
+        )
+        .expect("parses");
+        let err = stdio.validate().unwrap_err().to_string();
+        assert!(err.contains("streamable_http and sse"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_upstream_names_are_refused() {
+        let one = "[[upstreams]]\nname = \"x\"\ntransport = \"stdio\"\ncommand = \"true\"\n";
+        let c = Config::from_toml(&format!("{one}{one}"), "t.toml").expect("parses");
         assert!(c.validate().unwrap_err().to_string().contains("unique"));
     }
 
@@ -1088,5 +1246,123 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("whole number"), "{err}");
+    }
+
+    #[test]
+    fn cache_ttls_must_be_positive_and_name_a_tool() {
+        let c = Config::from_toml(
+            "[[upstreams]]\nname = \"a\"\ntransport = \"stdio\"\ncommand = \"x\"\n\
+             cache_ttl_secs = { lookup = 0, \"\" = 5, ok = 30 }\n",
+            "t.toml",
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("upstreams[0].cache_ttl_secs.lookup"), "{err}");
+        assert!(err.contains("must not be empty"), "{err}");
+        assert!(!err.contains("cache_ttl_secs.ok"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod process_and_secrets_tests {
+    use super::*;
+
+    fn problems(up: &UpstreamConfig) -> Vec<String> {
+        let mut errors = Vec::new();
+        up.check("upstreams[0]", "__", &mut errors);
+        errors.iter().map(ToString::to_string).collect()
+    }
+
+    fn stdio() -> UpstreamConfig {
+        let mut up = UpstreamConfig::new("s", UpstreamTransport::Stdio);
+        up.command = Some("server".into());
+        up
+    }
+
+    fn http() -> UpstreamConfig {
+        let mut up = UpstreamConfig::new("h", UpstreamTransport::StreamableHttp);
+        up.url = Some("http://127.0.0.1:1/mcp".into());
+        up
+    }
+
+    #[test]
+    fn defaults_pass_path_and_home_share_one_process_and_forward_nothing() {
+        let up = stdio();
+        assert_eq!(up.inherit_env, ["PATH", "HOME"]);
+        assert_eq!(up.process, ProcessMode::Shared);
+        assert!(!up.forward_authorization);
+        assert!(problems(&up).is_empty(), "{:?}", problems(&up));
+        let parsed: UpstreamConfig = toml::from_str(
+            "name = \"s\"\ntransport = \"stdio\"\ncommand = \"x\"\ninherit_env = []\nprocess = \"per_session\"\n",
+        )
+        .expect("parses");
+        assert!(parsed.inherit_env.is_empty());
+        assert_eq!(parsed.process, ProcessMode::PerSession);
+    }
+
+    #[test]
+    fn per_session_with_several_pooled_processes_is_refused() {
+        let mut up = stdio();
+        up.process = ProcessMode::PerSession;
+        assert!(problems(&up).is_empty(), "{:?}", problems(&up));
+        up.pool.processes = 3;
+        let p = problems(&up);
+        assert!(
+            p.iter()
+                .any(|e| e.contains("upstreams[0].process") && e.contains("pool.processes = 3")),
+            "{p:?}"
+        );
+        let mut h = http();
+        h.process = ProcessMode::PerSession;
+        assert!(
+            problems(&h)
+                .iter()
+                .any(|e| e.contains("only stdio upstreams take `process`")),
+            "{:?}",
+            problems(&h)
+        );
+    }
+
+    #[test]
+    fn forward_authorization_is_for_http_upstreams_only() {
+        let mut h = http();
+        h.forward_authorization = true;
+        assert!(problems(&h).is_empty(), "{:?}", problems(&h));
+        let mut s = stdio();
+        s.forward_authorization = true;
+        assert!(
+            problems(&s)
+                .iter()
+                .any(|e| e.contains("upstreams[0].forward_authorization")),
+            "{:?}",
+            problems(&s)
+        );
+    }
+
+    #[test]
+    fn malformed_secret_references_are_named_without_their_value() {
+        let mut h = http();
+        h.headers
+            .insert("Authorization".into(), "Bearer ${env:TOKEN".into());
+        h.headers
+            .insert("X-Ok".into(), "${file:/run/secrets/x} $${literal}".into());
+        let p = problems(&h);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("upstreams[0].headers.Authorization"), "{p:?}");
+        assert!(p[0].contains("no closing"), "{p:?}");
+        assert!(!p[0].contains("Bearer"), "the value is not echoed: {p:?}");
+        let mut s = stdio();
+        s.env.insert("KEY".into(), "${file:relative}".into());
+        s.inherit_env = vec!["A=B".into()];
+        let p = problems(&s);
+        assert!(
+            p.iter()
+                .any(|e| e.contains("upstreams[0].env.KEY") && e.contains("absolute path")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|e| e.contains("upstreams[0].inherit_env")),
+            "{p:?}"
+        );
     }
 }

@@ -11,16 +11,18 @@ pub mod breaker;
 pub mod catalog;
 pub mod config;
 pub mod crdt;
+pub mod import;
 pub mod mesh;
 pub mod origin;
 pub mod ratelimit;
+pub mod secrets;
 
 pub use auth::{CredentialKind, Principal, Role};
 pub use backoff::RetryPolicy;
 pub use breaker::{Breaker, BreakerPolicy, BreakerState, Rejected};
 pub use catalog::{Catalog, CatalogIssue, Namer, PrefixMode, Route};
 pub use config::{
-    AuthConfig, Config, ConfigError, DEFAULT_TENANT, LogFormat, OAuthIssuerConfig, UpstreamConfig,
-    UpstreamTransport,
+    AuthConfig, Config, ConfigError, DEFAULT_TENANT, LogFormat, OAuthIssuerConfig, ToolsConfig,
+    UpstreamConfig, UpstreamTransport,
 };
 pub use ratelimit::{Decision, Gcra, Quota};

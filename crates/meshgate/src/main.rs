@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use meshgate_core::{Config, LogFormat};
 
 mod frame_cmd;
+mod import_cmd;
 mod stdio_bridge;
 
 /// MCP gateway and agent mesh in one binary.
@@ -38,6 +39,8 @@ enum Command {
         #[command(subcommand)]
         command: frame_cmd::FrameCommand,
     },
+    /// Register every server of a Claude Desktop / Cursor `mcpServers` file as an upstream.
+    Import(import_cmd::ImportArgs),
     /// Relay MCP between stdin/stdout (for clients that only speak stdio) and a remote gateway.
     Stdio(stdio_bridge::StdioArgs),
 }
@@ -125,11 +128,16 @@ struct ServeArgs {
     log_format: Option<String>,
 }
 
-fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
-    let path = match &args.config {
+/// The configuration file: `--config`, else `./meshgate.toml` when it exists.
+fn config_path(args: &ServeArgs) -> Option<PathBuf> {
+    match &args.config {
         Some(p) => Some(p.clone()),
         None => Some(PathBuf::from("meshgate.toml")).filter(|p| p.exists()),
-    };
+    }
+}
+
+fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let path = config_path(args);
     let mut config = match &path {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| {
@@ -250,6 +258,7 @@ fn main() -> ExitCode {
         Command::Keys { command } => runtime().and_then(|rt| rt.block_on(keys(command))),
         Command::Frame { command } => return frame_cmd::run(command),
         Command::Stdio(args) => stdio_bridge::run(args),
+        Command::Import(args) => runtime().and_then(|rt| rt.block_on(import_cmd::run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -275,7 +284,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     init_logging(&config);
     let metrics = meshgate_server::serve::install_metrics()?;
-    runtime()?.block_on(meshgate_server::serve::run(config, metrics))
+    let reloader = meshgate_server::reload::Reloader {
+        file: config_path(&args),
+        load: std::sync::Arc::new(move || load_config(&args)),
+    };
+    runtime()?.block_on(meshgate_server::serve::run_with(
+        config,
+        metrics,
+        Some(reloader),
+    ))
 }
 
 /// The data directory named by `--data-dir`, or by the configuration.

@@ -30,7 +30,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 mod http;
-mod sse;
 mod ws;
 
 /// The environment variable that holds the key when `--key` is not given.

@@ -60,9 +60,10 @@ pub fn routes() -> Router<AppState> {
                 .delete(delete_rate_limit),
         )
         .route("/admin/log-level", put(set_log_level).get(log_level))
+        .route("/admin/cache", axum::routing::delete(flush_cache))
 }
 
-fn error(status: StatusCode, reason: &str, message: String) -> Response {
+pub(crate) fn error(status: StatusCode, reason: &str, message: String) -> Response {
     (
         status,
         Json(json!({"error": {"reason": reason, "message": message}})),
@@ -71,17 +72,17 @@ fn error(status: StatusCode, reason: &str, message: String) -> Response {
 }
 
 /// Who made an admin request.
-type Caller = Option<Extension<RequestPrincipal>>;
+pub(crate) type Caller = Option<Extension<RequestPrincipal>>;
 
 /// What a caller may see and act on: its own tenant's sessions, keys and
 /// upstreams, or everything with `tenants:*`.
-struct Reach {
-    tenant: String,
-    all: bool,
+pub(crate) struct Reach {
+    pub(crate) tenant: String,
+    pub(crate) all: bool,
 }
 
 impl Reach {
-    fn of(who: &Caller) -> Reach {
+    pub(crate) fn of(who: &Caller) -> Reach {
         match who {
             Some(Extension(RequestPrincipal(p))) => Reach {
                 tenant: p.tenant.clone(),
@@ -114,12 +115,12 @@ impl Reach {
     }
 
     /// May see the upstream (its own tenant's, or shared).
-    fn sees(&self, up: &crate::gateway::Upstream) -> bool {
+    pub(crate) fn sees(&self, up: &crate::gateway::Upstream) -> bool {
         self.all || up.config.shared || up.config.tenant == self.tenant
     }
 
     /// May change the upstream's state (its own tenant's, not shared).
-    fn manages(&self, up: &crate::gateway::Upstream) -> bool {
+    pub(crate) fn manages(&self, up: &crate::gateway::Upstream) -> bool {
         self.all || (!up.config.shared && up.config.tenant == self.tenant)
     }
 }
@@ -134,7 +135,7 @@ fn needs_all_tenants(what: &str) -> Response {
     )
 }
 
-async fn audit(
+pub(crate) async fn audit(
     s: &AppState,
     who: &Caller,
     trace: &Option<Extension<TraceId>>,
@@ -188,7 +189,7 @@ async fn gateway_health(State(s): State<AppState>, who: Caller) -> Response {
             "status": status.label(),
             "transport": up.config.transport,
             "processes": {"configured": configured, "live": live},
-            "restarts": s.gw.restarts(up),
+            "restarts": s.gw.restarts(&up),
             "breaker": breaker,
             "pool": up.traffic.pool_json(),
         }));
@@ -441,11 +442,11 @@ async fn breakers(State(s): State<AppState>, who: Caller) -> Response {
 }
 
 fn unknown_upstream(s: &AppState, name: &str, reach: &Reach) -> Response {
-    let known: Vec<&str> =
+    let known: Vec<String> =
         s.gw.upstreams
             .iter()
             .filter(|u| reach.sees(u))
-            .map(|u| u.config.name.as_str())
+            .map(|u| u.config.name.clone())
             .collect();
     error(
         StatusCode::NOT_FOUND,
@@ -472,11 +473,7 @@ async fn reset_breaker(
     trace: Option<Extension<TraceId>>,
 ) -> Response {
     let reach = Reach::of(&who);
-    let Some(up) =
-        s.gw.upstream_named(&name)
-            .filter(|u| reach.sees(u))
-            .cloned()
-    else {
+    let Some(up) = s.gw.upstream_named(&name).filter(|u| reach.sees(u)) else {
         return unknown_upstream(&s, &name, &reach);
     };
     if !reach.manages(&up) {
@@ -758,4 +755,52 @@ async fn set_log_level(
             ),
         ),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlushCacheQuery {
+    upstream: Option<String>,
+}
+
+/// `DELETE /admin/cache` (optionally `?upstream=NAME`): drops cached tool
+/// results, only the caller's tenant's unless it holds `tenants:*`.
+async fn flush_cache(
+    State(s): State<AppState>,
+    q: Result<Query<FlushCacheQuery>, axum::extract::rejection::QueryRejection>,
+    who: Caller,
+    trace: Option<Extension<TraceId>>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "the only parameter is upstream, e.g. DELETE /admin/cache?upstream=github (none: every upstream)".into(),
+        );
+    };
+    let reach = Reach::of(&who);
+    if let Some(name) = &q.upstream
+        && s.gw
+            .upstream_named(name)
+            .filter(|u| reach.sees(u))
+            .is_none()
+    {
+        return unknown_upstream(&s, name, &reach);
+    }
+    let tenant = (!reach.all).then_some(reach.tenant.as_str());
+    let flushed =
+        s.gw.cache
+            .invalidate(q.upstream.as_deref(), tenant, "admin");
+    let detail = json!({"flushed": flushed, "upstream": q.upstream, "tenant": tenant});
+    let target = q.upstream.as_deref().unwrap_or("*");
+    audit(
+        &s,
+        &who,
+        &trace,
+        "admin.cache_flush",
+        target,
+        detail.clone(),
+    )
+    .await;
+    Json(detail).into_response()
 }

@@ -66,6 +66,9 @@ pub struct SessionConn {
     pub progress: ProgressMap,
     /// Last use (monotonic, ms).
     pub last_used: AtomicU64,
+    /// SHA-256 of the client `Authorization` it forwards
+    /// (`forward_authorization`), to reconnect when the client's changes.
+    pub credential: Option<[u8; 32]>,
 }
 
 impl SessionConn {
@@ -268,12 +271,13 @@ impl Clients {
             let mut conns = client.conns.lock().await;
             let before = conns.len();
             conns.retain(|idx, c| {
+                // A removed upstream's connections go at once.
                 let limit = max_idle.unwrap_or_else(|| {
                     Duration::from_secs(
                         gw.upstreams
                             .get(*idx)
                             .map(|u| u.config.pool.idle_timeout_secs)
-                            .unwrap_or(300),
+                            .unwrap_or(0),
                     )
                 });
                 let idle = now.saturating_sub(c.last_used.load(Ordering::Relaxed));
@@ -284,6 +288,21 @@ impl Clients {
                 keep
             });
             closed += before - conns.len();
+        }
+        closed
+    }
+}
+
+impl Clients {
+    /// Closes every session's own connection to upstream `index` (the
+    /// upstream was removed or replaced); returns how many.
+    pub async fn drop_upstream_connections(&self, index: usize) -> usize {
+        let mut closed = 0;
+        for client in self.live() {
+            if let Some(c) = client.conns.lock().await.remove(&index) {
+                c.conn.cancellation_token().cancel();
+                closed += 1;
+            }
         }
         closed
     }

@@ -63,12 +63,37 @@ struct WorkerSlot {
     next_at: Duration,
 }
 
-/// One configured upstream.
+/// Where an upstream's definition comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamSource {
+    /// The configuration file (changed by editing it and reloading).
+    Config,
+    /// `/api/v1/upstreams` or `meshgate import` (kept in the store).
+    Api,
+}
+
+impl UpstreamSource {
+    /// The spelling in the store and the API.
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamSource::Config => "config",
+            UpstreamSource::Api => "api",
+        }
+    }
+}
+
+/// One upstream of the running gateway.
 pub struct Upstream {
-    /// Position in the configuration; the catalog routes by it.
+    /// Its id: never reused, so routes to a removed upstream find nothing.
+    /// The catalog routes by it.
     pub index: usize,
     /// Its configuration.
     pub config: UpstreamConfig,
+    /// Where the definition comes from.
+    pub source: UpstreamSource,
+    /// Cancelled when the upstream is removed or replaced: its connections
+    /// close and its background work stops.
+    pub retired: CancellationToken,
     status: RwLock<(UpstreamStatus, u64)>,
     shared: AsyncMutex<Option<Arc<SharedConn>>>,
     /// Calls in flight on the shared connection.
@@ -100,6 +125,50 @@ struct RestartState {
 }
 
 impl Upstream {
+    /// A new upstream with id `index`, not yet connected.
+    pub fn new(index: usize, cfg: UpstreamConfig, source: UpstreamSource) -> Upstream {
+        Upstream {
+            index,
+            status: RwLock::new((
+                if cfg.enabled {
+                    UpstreamStatus::Connecting
+                } else {
+                    UpstreamStatus::Disabled
+                },
+                unix_now(),
+            )),
+            shared: AsyncMutex::new(None),
+            inflight: Arc::new(InFlight::default()),
+            listing: RwLock::new(Arc::default()),
+            traffic: Arc::new(UpstreamTraffic::new(&cfg)),
+            restart: std::sync::Mutex::new(RestartState::default()),
+            workers: (1..cfg.pool.processes.max(1))
+                .map(|_| AsyncMutex::new(WorkerSlot::default()))
+                .collect(),
+            next_worker: Default::default(),
+            starting_workers: AtomicBool::new(false),
+            era: Era::default(),
+            source,
+            retired: CancellationToken::new(),
+            config: cfg,
+        }
+    }
+
+    /// Closes every connection of the upstream (for stdio: ends its
+    /// processes) and stops its background work: it was removed or replaced.
+    pub(crate) async fn retire(&self) {
+        self.retired.cancel();
+        if let Some(s) = self.shared.lock().await.take() {
+            s.conn.cancellation_token().cancel();
+        }
+        for slot in &self.workers {
+            if let Some(c) = slot.lock().await.conn.take() {
+                c.conn.cancellation_token().cancel();
+            }
+        }
+        self.set_status(UpstreamStatus::Disabled);
+    }
+
     /// Current status and the unix time it was entered.
     pub fn status(&self) -> (UpstreamStatus, u64) {
         self.status
@@ -135,10 +204,18 @@ impl Upstream {
         self.listing.read().map(|l| l.clone()).unwrap_or_default()
     }
 
-    /// Whether calls go over one connection per client session (Streamable HTTP)
-    /// or over the shared connection (stdio: one child process serves everyone).
+    /// Whether a session's calls go over a connection of its own (Streamable
+    /// HTTP, HTTP+SSE, and stdio with `process = "per_session"`: a child
+    /// process per session) or over the shared connection (stdio: one child
+    /// process, or `pool.processes` of them, serves everyone).
     pub fn per_session(&self) -> bool {
-        self.config.transport == meshgate_core::UpstreamTransport::StreamableHttp
+        match self.config.transport {
+            meshgate_core::UpstreamTransport::StreamableHttp
+            | meshgate_core::UpstreamTransport::Sse => true,
+            meshgate_core::UpstreamTransport::Stdio => {
+                self.config.process == meshgate_core::config::ProcessMode::PerSession
+            }
+        }
     }
 
     /// The shared connection, if up.
@@ -269,18 +346,44 @@ pub struct SnapshotOwners {
     pub templates: Vec<usize>,
 }
 
+/// The naming rules in force; they change when the number of enabled
+/// upstreams crosses one in `conditional` prefix mode.
+pub struct NamerCell(RwLock<Arc<Namer>>);
+
+impl NamerCell {
+    /// The current rules.
+    pub fn get(&self) -> Arc<Namer> {
+        self.0
+            .read()
+            .map(|n| n.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub(crate) fn set(&self, namer: Namer) -> bool {
+        let mut cur = match self.0.write() {
+            Ok(n) => n,
+            Err(p) => p.into_inner(),
+        };
+        let changed = **cur != namer;
+        *cur = Arc::new(namer);
+        changed
+    }
+}
+
 /// The gateway: configuration, store, upstreams and catalog.
 pub struct Gateway {
     /// Validated configuration.
     pub config: Config,
     /// Persistence.
     pub store: Arc<dyn Store>,
-    /// Upstreams in configuration order (disabled ones included, marked so).
-    pub upstreams: Vec<Arc<Upstream>>,
-    /// Naming rules resolved for this configuration.
-    pub namer: Arc<Namer>,
+    /// Upstreams by id (disabled ones included, marked so).
+    pub upstreams: crate::upstream_set::UpstreamSet,
+    /// Naming rules resolved for the current upstreams.
+    pub namer: Arc<NamerCell>,
+    /// Serializes changes of the upstream set.
+    pub(crate) changing: AsyncMutex<()>,
     snapshot: RwLock<Arc<Snapshot>>,
-    changes: broadcast::Sender<ListKind>,
+    pub(crate) changes: broadcast::Sender<ListKind>,
     events: mpsc::Sender<ListChanged>,
     /// HTTP clients shared by all Streamable HTTP upstream connections.
     pub http: HttpClients,
@@ -301,6 +404,12 @@ pub struct Gateway {
     pub parked: crate::handler::ParkedCalls,
     /// Upstream resources watched for updates, shared by every watcher.
     pub watches: ResourceWatches,
+    /// Cached `tools/call` results (per upstream `cache_ttl_secs`).
+    pub cache: crate::cache::ResultCache,
+    /// Compiled tool schemas for argument and output checks.
+    pub validators: crate::validate::Validators,
+    /// Virtual servers (`/servers/{name}/mcp`).
+    pub views: crate::views::Views,
 }
 
 /// Upstream resources watched for `notifications/resources/updated` on the
@@ -568,50 +677,49 @@ impl Gateway {
         store: Arc<dyn Store>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Gateway>> {
-        let enabled = config.upstreams.iter().filter(|u| u.enabled).count();
-        let namer = Arc::new(Namer::new(
+        Self::start_with(config, Vec::new(), store, shutdown)
+    }
+
+    /// [`Gateway::start`] with managed upstreams (from the store) besides
+    /// the configured ones.
+    pub fn start_with(
+        config: Config,
+        managed: Vec<UpstreamConfig>,
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Gateway>> {
+        let enabled = config
+            .upstreams
+            .iter()
+            .chain(&managed)
+            .filter(|u| u.enabled)
+            .count();
+        let namer = Arc::new(NamerCell(RwLock::new(Arc::new(Namer::new(
             config.namespacing.prefix_mode,
             &config.namespacing.separator,
             enabled,
-        ));
-        let upstreams = config
-            .upstreams
-            .iter()
-            .enumerate()
-            .map(|(index, cfg)| {
-                Arc::new(Upstream {
-                    index,
-                    config: cfg.clone(),
-                    status: RwLock::new((
-                        if cfg.enabled {
-                            UpstreamStatus::Connecting
-                        } else {
-                            UpstreamStatus::Disabled
-                        },
-                        unix_now(),
-                    )),
-                    shared: AsyncMutex::new(None),
-                    inflight: Arc::new(InFlight::default()),
-                    listing: RwLock::new(Arc::default()),
-                    traffic: Arc::new(UpstreamTraffic::new(cfg)),
-                    restart: std::sync::Mutex::new(RestartState::default()),
-                    workers: (1..cfg.pool.processes.max(1))
-                        .map(|_| AsyncMutex::new(WorkerSlot::default()))
-                        .collect(),
-                    next_worker: Default::default(),
-                    starting_workers: AtomicBool::new(false),
-                    era: Era::default(),
-                })
-            })
-            .collect();
+        )))));
+        let upstreams = crate::upstream_set::UpstreamSet::default();
+        for cfg in &config.upstreams {
+            upstreams.add(|id| Upstream::new(id, cfg.clone(), UpstreamSource::Config));
+        }
+        for cfg in managed {
+            upstreams.add(|id| Upstream::new(id, cfg, UpstreamSource::Api));
+        }
         let http = HttpClients::default();
         let (events, events_rx) = mpsc::channel(256);
         let (changes, _) = broadcast::channel(64);
         let limits = Limiters::new(&config.rate_limits);
         let parked = crate::handler::ParkedCalls::new().map_err(anyhow::Error::msg)?;
+        let views = crate::views::Views::new(&config.virtual_servers);
         let gw = Arc::new(Gateway {
+            views,
             parked,
             watches: ResourceWatches::default(),
+            cache: crate::cache::ResultCache::new(
+                config.tools.cache_max_entries,
+                config.tools.cache_max_bytes,
+            ),
             clients: Clients::default(),
             limits,
             inflight: RequestTracker::default(),
@@ -620,6 +728,7 @@ impl Gateway {
             store,
             upstreams,
             namer,
+            changing: AsyncMutex::new(()),
             snapshot: RwLock::new(Arc::default()),
             changes,
             events,
@@ -627,6 +736,7 @@ impl Gateway {
             ready: AtomicBool::new(false),
             started: Instant::now(),
             shutdown,
+            validators: crate::validate::Validators::default(),
         });
         tokio::spawn(gw.clone().refresh_loop(events_rx));
         tokio::spawn(gw.clone().health_loop());
@@ -659,8 +769,13 @@ impl Gateway {
     }
 
     /// Looks up an upstream by name.
-    pub fn upstream_named(&self, name: &str) -> Option<&Arc<Upstream>> {
-        self.upstreams.iter().find(|u| u.config.name == name)
+    pub fn upstream_named(&self, name: &str) -> Option<Arc<Upstream>> {
+        self.upstreams.named(name)
+    }
+
+    /// The naming rules in force.
+    pub fn namer(&self) -> Arc<Namer> {
+        self.namer.get()
     }
 
     /// Connects the shared connection of `up` if it is not connected.
@@ -673,6 +788,10 @@ impl Gateway {
             *slot = None;
         }
         let shared = self.open_shared(up, up.inflight.clone()).await?;
+        if up.retired.is_cancelled() {
+            shared.conn.cancellation_token().cancel();
+            return Err(format!("upstream `{}` was removed", up.config.name));
+        }
         *slot = Some(shared.clone());
         Ok(shared)
     }
@@ -808,11 +927,16 @@ impl Gateway {
         if let Ok(mut l) = up.listing.write() {
             *l = Arc::new(listing);
         }
+        if kinds.contains(&ListKind::Tools) {
+            self.cache
+                .invalidate_upstream(&up.config.name, "tools_changed");
+        }
         Ok(())
     }
 
     /// Rebuilds the merged catalog from every upstream's listing.
-    fn rebuild_snapshot(&self) {
+    pub(crate) fn rebuild_snapshot(&self) {
+        let namer = self.namer();
         let listings: Vec<(usize, String, Arc<UpstreamListing>)> = self
             .upstreams
             .iter()
@@ -820,7 +944,7 @@ impl Gateway {
             .map(|u| (u.index, u.config.name.clone(), u.listing()))
             .collect();
         let (tool_routes, tool_issues) = Catalog::build(
-            &self.namer,
+            &namer,
             listings.iter().map(|(i, n, l)| {
                 (
                     *i,
@@ -831,7 +955,7 @@ impl Gateway {
             true,
         );
         let (prompt_routes, prompt_issues) = Catalog::build(
-            &self.namer,
+            &namer,
             listings.iter().map(|(i, n, l)| {
                 (
                     *i,
@@ -867,7 +991,7 @@ impl Gateway {
         for (index, name, l) in &listings {
             let index = *index;
             for t in &l.tools {
-                let exposed = self.namer.name(name, &t.name);
+                let exposed = namer.name(name, &t.name);
                 if snap
                     .tool_routes
                     .resolve(&exposed)
@@ -880,7 +1004,7 @@ impl Gateway {
                 }
             }
             for p in &l.prompts {
-                let exposed = self.namer.name(name, &p.name);
+                let exposed = namer.name(name, &p.name);
                 if snap
                     .prompt_routes
                     .resolve(&exposed)
@@ -894,13 +1018,13 @@ impl Gateway {
             }
             for r in &l.resources {
                 let mut r = r.clone();
-                r.uri = self.namer.uri(name, &r.uri);
+                r.uri = namer.uri(name, &r.uri);
                 snap.resources.push(r);
                 snap.owners.resources.push(index);
             }
             for t in &l.templates {
                 let mut t = t.clone();
-                t.uri_template = self.namer.uri(name, &t.uri_template);
+                t.uri_template = namer.uri(name, &t.uri_template);
                 snap.templates.push(t);
                 snap.owners.templates.push(index);
             }
@@ -917,7 +1041,7 @@ impl Gateway {
             .iter()
             .filter(|u| u.config.enabled)
             .map(|up| async move {
-                match self.refresh_upstream(up, kinds).await {
+                match self.refresh_upstream(&up, kinds).await {
                     Ok(()) => up.set_status(UpstreamStatus::Up),
                     Err(e) => {
                         up.set_status(UpstreamStatus::Down(e));
@@ -958,7 +1082,7 @@ impl Gateway {
             let kinds: HashSet<ListKind> = pending.iter().map(|e| e.kind).collect();
             for idx in upstreams {
                 if let Some(up) = self.upstreams.get(idx) {
-                    match self.refresh_upstream(up, &kinds).await {
+                    match self.refresh_upstream(&up, &kinds).await {
                         Ok(()) => up.set_status(UpstreamStatus::Up),
                         Err(e) => up.set_status(UpstreamStatus::Down(e)),
                     }
@@ -1073,7 +1197,7 @@ impl Gateway {
                 if !due {
                     continue;
                 }
-                match self.refresh_upstream(up, &all).await {
+                match self.refresh_upstream(&up, &all).await {
                     Ok(()) => {
                         let restarts = up
                             .restart
@@ -1170,6 +1294,33 @@ impl Gateway {
                 tracing::info!(dropped, "cancelled calls that waited for client input");
             }
         }
+    }
+
+    /// Closes every upstream connection at shutdown: the shared ones, the
+    /// extra processes of `pool.processes` and every session's own, so
+    /// each stdio child gets EOF on its stdin and is killed if it has not
+    /// exited 2 s later. Waits at most `limit` for the children to be gone;
+    /// returns how many were left.
+    pub async fn close_all_upstreams(&self, limit: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        // A connection being opened holds its slot's lock until it is done
+        // (up to connect_timeout_secs); retiring cancels it as it completes,
+        // so do not wait for it here beyond the limit.
+        let closing = async {
+            for up in self.upstreams.iter() {
+                up.retire().await;
+            }
+            for client in self.clients.live() {
+                for (_, c) in client.conns.lock().await.drain() {
+                    c.conn.cancellation_token().cancel();
+                }
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline, closing).await;
+        crate::upstream::wait_for_children(
+            deadline.saturating_duration_since(tokio::time::Instant::now()),
+        )
+        .await
     }
 
     /// Successful reconnects of `up` since start.

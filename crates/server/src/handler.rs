@@ -48,7 +48,7 @@ use crate::outbox::Outbox;
 use crate::resilience::{PoolTimeout, unit_random};
 use crate::upstream::{
     Caller, InFlightGuard, InputAsk, ListKind, ModernCaller, ProgressMap, RelayTarget,
-    UpstreamRelay, connect, is_modern_connection,
+    UpstreamRelay, connect_with, is_modern_connection,
 };
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -224,6 +224,20 @@ fn request_ext<T: Clone + Send + Sync + 'static>(ctx: &RequestContext<RoleServer
                 .and_then(|p| p.extensions.get::<T>())
         })
         .cloned()
+}
+
+/// The virtual server the request was sent to (`/servers/{name}/mcp`).
+fn request_view(gw: &Gateway, ctx: &RequestContext<RoleServer>) -> Option<Arc<crate::views::View>> {
+    let parts = ctx.extensions.get::<http::request::Parts>()?;
+    gw.views.of_path(parts.uri.path())
+}
+
+/// The name of the upstream that serves exposed tool `name`.
+fn tool_upstream(gw: &Gateway, snap: &crate::gateway::Snapshot, name: &str) -> Option<String> {
+    let route = snap.tool_routes.resolve(name)?;
+    gw.upstreams
+        .get(route.upstream)
+        .map(|u| u.config.name.clone())
 }
 
 /// The principal the auth layer authenticated.
@@ -422,7 +436,7 @@ impl GatewayHandler {
         self.visible(index, principal) && self.auth.policy.check(principal, name).is_ok()
     }
 
-    fn upstream(&self, index: usize) -> Result<&Arc<Upstream>, McpError> {
+    fn upstream(&self, index: usize) -> Result<Arc<Upstream>, McpError> {
         self.gw.upstreams.get(index).ok_or_else(|| {
             err(
                 ErrorCode::INTERNAL_ERROR,
@@ -432,18 +446,22 @@ impl GatewayHandler {
     }
 
     /// The connection to use for a call to `up`: this session's own connection
-    /// for Streamable HTTP upstreams, the shared one for stdio upstreams and
-    /// for every request of a 2026-07-28 client (`modern`: it has no session
-    /// to own a connection, and one connection per request would cost an
-    /// upstream handshake each).
+    /// for Streamable HTTP and HTTP+SSE upstreams and for stdio upstreams
+    /// with `process = "per_session"` (a child process of its own), the
+    /// shared one for other stdio upstreams and for every request of a
+    /// 2026-07-28 client (`modern`: it has no session to own a connection,
+    /// and one connection per request would cost an upstream handshake
+    /// each). With `forward_authorization`, the session's connection sends
+    /// the client's `Authorization` header, and is opened again when the
+    /// client presents a different one (a refreshed token).
     /// `Err` says why there is none (a transport failure, retried).
     async fn connection(
         &self,
         up: &Arc<Upstream>,
-        client_peer: &Peer<RoleServer>,
+        ctx: &RequestContext<RoleServer>,
         modern: Option<Arc<ModernCaller>>,
     ) -> Result<(Peer<RoleClient>, ProgressMap, Option<InFlightGuard>), String> {
-        let client = self.outbox(client_peer);
+        let client = self.outbox(&ctx.peer);
         if !up.per_session() || modern.is_some() {
             let shared = up
                 .pick_process()
@@ -460,13 +478,33 @@ impl GatewayHandler {
                 Some(guard),
             ));
         }
+        // The client's credential, only for an upstream configured to take
+        // it; never logged (the connection holds it, the session entry only
+        // its digest).
+        let authorization = up
+            .config
+            .forward_authorization
+            .then(|| {
+                ctx.extensions
+                    .get::<http::request::Parts>()
+                    .and_then(|p| p.headers.get(http::header::AUTHORIZATION))
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .flatten();
+        let credential = authorization.as_deref().map(|a| {
+            use sha2::Digest;
+            <[u8; 32]>::from(sha2::Sha256::digest(a.as_bytes()))
+        });
         let mut conns = self.state.entry.conns.lock().await;
         if let Some(c) = conns.get(&up.index) {
-            if !c.conn.is_transport_closed() {
+            if !c.conn.is_transport_closed() && c.credential == credential {
                 c.touch();
                 return Ok((c.conn.peer().clone(), c.progress.clone(), None));
             }
-            conns.remove(&up.index);
+            if let Some(old) = conns.remove(&up.index) {
+                old.conn.cancellation_token().cancel();
+            }
         }
         let (relay, progress) = UpstreamRelay::new(
             up.index,
@@ -476,12 +514,18 @@ impl GatewayHandler {
             self.state.client.get(),
             self.gw.change_events(),
         );
-        let conn = connect(&up.config, relay, &self.gw.http, &up.era)
-            .await
-            .map_err(|e| {
-                self.gw.report_failure(up, &e.to_string());
-                e.to_string()
-            })?;
+        let conn = connect_with(
+            &up.config,
+            relay,
+            &self.gw.http,
+            &up.era,
+            authorization.as_deref(),
+        )
+        .await
+        .map_err(|e| {
+            self.gw.report_failure(up, &e.to_string());
+            e.to_string()
+        })?;
         let level = self.state.log_level.lock().ok().and_then(|l| *l);
         if let Some(level) = level
             && conn
@@ -499,6 +543,7 @@ impl GatewayHandler {
             conn,
             progress: progress.clone(),
             last_used: Default::default(),
+            credential,
         });
         c.touch();
         conns.insert(up.index, c);
@@ -718,7 +763,7 @@ impl GatewayHandler {
     ) -> Result<ServerResult, AttemptError> {
         // Connecting (a per-session connection's handshake) counts against
         // the attempt's time, so a hanging upstream cannot outlast the deadline.
-        let connecting = tokio::time::timeout(timeout, self.connection(up, &ctx.peer, modern));
+        let connecting = tokio::time::timeout(timeout, self.connection(up, ctx, modern));
         let (peer, progress, _inflight) = connecting
             .await
             .map_err(|_| AttemptError::Transport {
@@ -883,8 +928,9 @@ impl GatewayHandler {
     /// Finds the upstream and original URI of an exposed resource URI.
     fn route_uri(&self, uri: &str) -> Result<(usize, String), McpError> {
         let gw = &self.gw;
-        if gw.namer.prefixed {
-            return match gw.namer.split_uri(uri, |n| gw.upstream_named(n).is_some()) {
+        let namer = gw.namer();
+        if namer.prefixed {
+            return match namer.split_uri(uri, |n| gw.upstream_named(n).is_some()) {
                 Some((name, original)) => {
                     let idx = gw.upstream_named(name).map(|u| u.index).unwrap_or_default();
                     Ok((idx, original.to_owned()))
@@ -901,7 +947,7 @@ impl GatewayHandler {
         if let Some(r) = snap.resource_routes.resolve(uri) {
             return Ok((r.upstream, r.original.clone()));
         }
-        let enabled: Vec<&Arc<Upstream>> =
+        let enabled: Vec<Arc<Upstream>> =
             gw.upstreams.iter().filter(|u| u.config.enabled).collect();
         if let [only] = enabled.as_slice() {
             return Ok((only.index, uri.to_owned()));
@@ -922,11 +968,12 @@ impl GatewayHandler {
     }
 
     /// The upstream whose prefix `exposed` carries, if `p` may see it.
-    fn prefixed_upstream(&self, exposed: &str, p: &Principal) -> Option<&Arc<Upstream>> {
-        if !self.gw.namer.prefixed {
+    fn prefixed_upstream(&self, exposed: &str, p: &Principal) -> Option<Arc<Upstream>> {
+        let namer = self.gw.namer();
+        if !namer.prefixed {
             return None;
         }
-        let sep = &self.gw.namer.separator;
+        let sep = &namer.separator;
         self.gw.upstreams.iter().find(|u| {
             exposed
                 .strip_prefix(u.config.name.as_str())
@@ -1018,6 +1065,13 @@ impl GatewayHandler {
                     rmcp::model::CallToolResult::structured(self.status_report(p)),
                 ));
             }
+            if exposed == crate::tools_search::SEARCH_TOOL {
+                self.check_tool_rules(p, &exposed)?;
+                let usable = |i: usize, name: &str| self.tool_usable(i, name, p);
+                let r = crate::tools_search::call(&self.gw, request.arguments.as_ref(), usable);
+                record("tools/call", Some(&exposed), started, "ok");
+                return Ok(CallToolResponse::Complete(r));
+            }
             if let Some(mesh) = self.gw.mesh.get()
                 && crate::mesh::tools::NAMES.contains(&exposed.as_str())
             {
@@ -1068,6 +1122,30 @@ impl GatewayHandler {
             self.state.entry.record(false);
             return Err(hit.mcp_error());
         }
+        if let Err(bad) =
+            crate::validate::check_call_arguments(&self.gw, &exposed, &mut request.arguments)
+        {
+            record("tools/call", Some(&exposed), started, "invalid_arguments");
+            self.state.entry.record(false);
+            return Err(bad.into());
+        }
+        // After every check above: a cache hit is still an authorized, limited, audited call.
+        let up = self.upstream(route.upstream)?;
+        let cached = self.gw.cache.lookup(
+            &up,
+            &route.original,
+            &exposed,
+            &p.tenant,
+            request.arguments.as_ref(),
+        );
+        let ticket = match cached {
+            crate::cache::Lookup::Hit(res) => {
+                record("tools/call", Some(&exposed), started, "ok");
+                return Ok(CallToolResponse::Complete(res));
+            }
+            crate::cache::Lookup::Miss(ticket) => Some(ticket),
+            crate::cache::Lookup::Uncached => None,
+        };
         let original = route.original.clone();
         request.name = route.original.into();
         let r = self
@@ -1090,6 +1168,10 @@ impl GatewayHandler {
                 } else {
                     "ok"
                 };
+                crate::validate::check_call_output(&self.gw, &exposed, &res);
+                if let Some(ticket) = ticket {
+                    self.gw.cache.store(ticket, &res);
+                }
                 record("tools/call", Some(&exposed), started, o);
                 return Ok(CallToolResponse::Complete(res));
             }
@@ -1945,10 +2027,10 @@ impl ServerHandler for GatewayHandler {
             .with_server_info(Implementation::new("meshgate", env!("CARGO_PKG_VERSION")))
             .with_protocol_version(ProtocolVersion::V_2025_11_25)
             // No upstream names here: this text goes to every tenant.
-            .with_instructions(if self.gw.namer.prefixed {
+            .with_instructions(if self.gw.namer().prefixed {
                 format!(
                     "meshgate MCP gateway: tools, prompts and resources of several upstream MCP servers, named <upstream>{}<name> and <upstream>+<uri>; call {STATUS_TOOL} for the upstreams you can use and their health",
-                    self.gw.namer.separator
+                    self.gw.namer().separator
                 )
             } else {
                 format!(
@@ -2053,6 +2135,9 @@ impl ServerHandler for GatewayHandler {
         if name == STATUS_TOOL {
             return Some(status_tool());
         }
+        if name == crate::tools_search::SEARCH_TOOL {
+            return Some(crate::tools_search::definition());
+        }
         if self.gw.mesh.get().is_some() && crate::mesh::tools::NAMES.contains(&name) {
             return crate::mesh::tools::definitions()
                 .into_iter()
@@ -2122,6 +2207,16 @@ impl ServerHandler for GatewayHandler {
                 .filter(|(t, i)| self.tool_usable(**i, &t.name, &p))
                 .map(|(t, _)| t.clone()),
         );
+        let search = crate::tools_search::SEARCH_TOOL;
+        if crate::tools_search::offered(tools.len(), self.gw.config.tools.search_threshold)
+            && snap.tool_routes.resolve(search).is_none()
+            && self.auth.policy.check(&p, search).is_ok()
+        {
+            tools.insert(0, crate::tools_search::definition());
+        }
+        if let Some(view) = request_view(&self.gw, &ctx) {
+            tools = view.present(tools, |name| tool_upstream(&self.gw, &snap, name));
+        }
         let r = Ok(ListToolsResult::with_all_items(tools));
         record("tools/list", None, started, "ok");
         r
@@ -2129,10 +2224,29 @@ impl ServerHandler for GatewayHandler {
 
     async fn call_tool(
         &self,
-        request: CallToolRequestParams,
+        mut request: CallToolRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let started = Instant::now();
+        if let Some(view) = request_view(&self.gw, &ctx) {
+            let snap = self.gw.snapshot();
+            let exposed = view
+                .exposed_name(&request.name)
+                .filter(|e| view.admits(e, tool_upstream(&self.gw, &snap, e).as_deref()));
+            match exposed {
+                Some(e) => request.name = e.into(),
+                None => {
+                    record("tools/call", None, started, "unknown_tool");
+                    return Err(err(
+                        ErrorCode::INVALID_PARAMS,
+                        format!(
+                            "unknown tool `{}`: virtual server `{}` has no such tool; call tools/list for its tools",
+                            request.name, view.config.name
+                        ),
+                    ));
+                }
+            }
+        }
         let exposed = request.name.to_string();
         // Hashed now, before the arguments move on to the upstream.
         let args_hash = meshgate_core::auth::arguments_hash(request.arguments.as_ref());
@@ -2306,7 +2420,7 @@ impl ServerHandler for GatewayHandler {
                     match c {
                         ResourceContents::TextResourceContents { uri, .. }
                         | ResourceContents::BlobResourceContents { uri, .. } => {
-                            *uri = self.gw.namer.uri(&name, uri);
+                            *uri = self.gw.namer().uri(&name, uri);
                         }
                         #[allow(unreachable_patterns)]
                         _ => {}

@@ -50,6 +50,37 @@ pub struct AppState {
     pub restore_hints: Arc<RestoreHints>,
 }
 
+/// Refuses requests to a virtual server that does not exist or is not the
+/// caller's (404, so other tenants' view names do not leak).
+async fn view_check(
+    State(gw): State<Arc<Gateway>>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    if let Some(name) = path
+        .strip_prefix("/servers/")
+        .and_then(|p| p.strip_suffix("/mcp"))
+    {
+        let principal = request
+            .extensions()
+            .get::<crate::auth::middleware::RequestPrincipal>()
+            .map(|p| p.0.clone());
+        let usable = gw
+            .views
+            .get(name)
+            .is_some_and(|v| principal.is_none_or(|p| v.may_use(&p)));
+        if !usable {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": {"reason": "not_found", "message": format!("no virtual server named `{name}`; the ones you may use are configured under [[virtual_servers]], and /mcp serves every tool you may use")}})),
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
 /// A JSON-RPC error response with the HTTP status that goes with it.
 pub fn jsonrpc_error(
     status: StatusCode,
@@ -413,19 +444,20 @@ pub fn router(state: AppState) -> Router {
         mcp_config,
     );
     let limit = cfg.max_request_body_bytes;
-    let mcp_routes =
-        Router::new()
-            .route_service("/mcp", mcp)
-            .layer(middleware::from_fn_with_state(
-                Precheck {
-                    limit,
-                    gw: gw.clone(),
-                    sealer: state.sealer.clone(),
-                    hints: state.restore_hints.clone(),
-                    sessions: state.mcp_sessions.clone(),
-                },
-                mcp_precheck,
-            ));
+    let mcp_routes = Router::new()
+        .route_service("/mcp", mcp.clone())
+        .route_service("/servers/{name}/mcp", mcp)
+        .layer(middleware::from_fn_with_state(
+            Precheck {
+                limit,
+                gw: gw.clone(),
+                sealer: state.sealer.clone(),
+                hints: state.restore_hints.clone(),
+                sessions: state.mcp_sessions.clone(),
+            },
+            mcp_precheck,
+        ))
+        .layer(middleware::from_fn_with_state(gw.clone(), view_check));
     let auth = state.auth.clone();
     let origin = Arc::new(crate::origin::OriginLayer::new(cfg).unwrap_or_else(|e| {
         tracing::error!(error = %e, "mcp.allowed_origins is invalid; allowing no foreign browser origin");
@@ -433,6 +465,8 @@ pub fn router(state: AppState) -> Router {
     }));
     Router::new()
         .merge(crate::admin::routes())
+        .merge(crate::upstreams_api::routes())
+        .merge(crate::tools_api::routes())
         .route("/health", get(health))
         .route("/health/store", get(health_store))
         .route("/health/upstreams", get(health_upstreams))
@@ -600,10 +634,10 @@ async fn health_upstream(State(s): State<AppState>, Path(name): Path<String>) ->
         )
             .into_response(),
         None => {
-            let known: Vec<&str> =
+            let known: Vec<String> =
                 s.gw.upstreams
                     .iter()
-                    .map(|u| u.config.name.as_str())
+                    .map(|u| u.config.name.clone())
                     .collect();
             (
                 StatusCode::NOT_FOUND,

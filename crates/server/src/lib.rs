@@ -8,10 +8,18 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cache;
 pub mod clients;
 pub mod gateway;
 pub mod handler;
+pub mod managed;
+pub mod reload;
+pub mod tools_api;
 pub mod upstream;
+pub mod upstream_set;
+pub mod upstream_sse;
+pub mod upstreams_api;
+pub mod views;
 
 pub use gateway::Gateway;
 pub mod http;
@@ -26,3 +34,5 @@ pub mod resume;
 pub mod serve;
 pub mod session_token;
 pub mod sessions;
+pub mod tools_search;
+pub mod validate;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use meshgate_core::Config;
-use meshgate_store::{SqliteStore, Store, UpstreamRecord, now_ms};
+use meshgate_store::{SqliteStore, Store};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -45,16 +45,12 @@ pub async fn open_sqlite(config: &Config) -> anyhow::Result<SqliteStore> {
         )
     })?;
     let store = SqliteStore::open(&config.data_dir).await?;
-    let now = now_ms();
     for up in &config.upstreams {
         store
-            .upsert_upstream(&UpstreamRecord {
-                name: up.name.clone(),
-                source: "config".into(),
-                definition: serde_json::to_value(redacted(up))?,
-                created_at: now,
-                updated_at: now,
-            })
+            .upsert_upstream(&crate::managed::record(
+                up,
+                crate::gateway::UpstreamSource::Config,
+            )?)
             .await?;
     }
     let keep: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
@@ -62,17 +58,53 @@ pub async fn open_sqlite(config: &Config) -> anyhow::Result<SqliteStore> {
     Ok(store)
 }
 
-/// An upstream definition with secret values (headers, env) masked.
-fn redacted(up: &meshgate_core::UpstreamConfig) -> meshgate_core::UpstreamConfig {
-    let mut up = up.clone();
-    for v in up.headers.values_mut().chain(up.env.values_mut()) {
-        *v = "***".into();
+/// The managed upstreams kept in the store (created through the API or
+/// `meshgate import`). One whose definition no longer parses or validates,
+/// or whose name the configuration file now uses, is skipped with an error
+/// in the log (it stays in the store for an operator to fix or delete).
+pub async fn managed_upstreams(
+    store: &dyn Store,
+    config: &Config,
+) -> anyhow::Result<Vec<meshgate_core::UpstreamConfig>> {
+    let mut out = Vec::new();
+    for row in store.list_upstreams().await? {
+        if row.source != crate::gateway::UpstreamSource::Api.label() {
+            continue;
+        }
+        let up: meshgate_core::UpstreamConfig = match serde_json::from_value(row.definition) {
+            Ok(up) => up,
+            Err(e) => {
+                tracing::error!(upstream = %row.name, error = %e, "a stored managed upstream does not parse; skipped (DELETE /api/v1/upstreams/{} removes it)", row.name);
+                continue;
+            }
+        };
+        let mut errors = Vec::new();
+        up.check("upstream", &config.namespacing.separator, &mut errors);
+        if let Some(e) = errors.first() {
+            tracing::error!(upstream = %row.name, error = %e, "a stored managed upstream is invalid; skipped");
+            continue;
+        }
+        if config.upstreams.iter().any(|c| c.name == up.name) {
+            tracing::error!(upstream = %row.name, "the configuration file now defines an upstream with the name of a managed one; the configured one is used, the managed one skipped");
+            continue;
+        }
+        out.push(up);
     }
-    up
+    Ok(out)
 }
 
 /// Runs the gateway until a shutdown signal.
 pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()> {
+    run_with(config, metrics, None).await
+}
+
+/// [`run`], reloading the configuration file's upstreams on `SIGHUP` and
+/// when the file changes.
+pub async fn run_with(
+    config: Config,
+    metrics: PrometheusHandle,
+    reloader: Option<crate::reload::Reloader>,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let addr = config.listen_addr()?;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
@@ -99,7 +131,11 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
     }
     let audit = auth.audit.clone();
     let mesh_config = config.mesh.clone();
-    let gw = Gateway::start(config, store, shutdown.clone())?;
+    let managed = managed_upstreams(store.as_ref(), &config).await?;
+    let gw = Gateway::start_with(config, managed, store, shutdown.clone())?;
+    if let Some(reloader) = reloader {
+        tokio::spawn(crate::reload::run(gw.clone(), reloader, shutdown.clone()));
+    }
     if mesh_config.enabled {
         let mesh = crate::mesh::Mesh::start(mesh_config, mesh_store, shutdown.clone())
             .await
@@ -190,7 +226,18 @@ pub async fn run(config: Config, metrics: PrometheusHandle) -> anyhow::Result<()
     // Ends every session (SSE streams close, legacy streams get a final
     // `shutdown` event) and the background tasks.
     shutdown.cancel();
-    let result = tokio::time::timeout(Duration::from_secs(5), served).await;
+    // Every upstream connection closes too: stdio children get EOF and are
+    // killed 2 s later if still running, so none outlives the gateway.
+    let (result, children_left) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(5), served),
+        gw.close_all_upstreams(Duration::from_secs(3)),
+    );
+    if children_left > 0 {
+        tracing::warn!(
+            children_left,
+            "stdio upstream processes still running 3 s after their connections closed"
+        );
+    }
     if !audit.flush(Duration::from_secs(5)).await {
         tracing::warn!(
             "the audit log could not be flushed within 5 s; the newest entries may be missing"

@@ -4,13 +4,14 @@
 //!
 //! Each upstream has one *shared* connection, used for its catalog (tool,
 //! prompt and resource lists), health checks and, for stdio upstreams and
-//! every request of a 2026-07-28 client, for calls. Streamable HTTP upstreams
-//! get one connection *per client session*, so that everything the upstream
-//! relays belongs to exactly one client.
+//! every request of a 2026-07-28 client, for calls. Streamable HTTP and
+//! HTTP+SSE upstreams get one connection *per client session*, so that
+//! everything the upstream relays belongs to exactly one client.
 //!
 //! Every connection is opened in the newest revision both sides speak:
 //! `server/discover` offering 2026-07-28 first, `initialize` when the
-//! upstream is older ([`connect`], [`Era`]). What an older upstream asks of a
+//! upstream is older ([`connect`], [`Era`]); HTTP+SSE upstreams (a
+//! 2024-11-05 transport) get `initialize` at once. What an older upstream asks of a
 //! 2026-07-28 caller (sampling, elicitation, roots) is handed to that call as
 //! an [`InputAsk`] instead of being sent to the client.
 
@@ -24,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use meshgate_core::{Namer, UpstreamConfig, UpstreamTransport};
+use meshgate_core::{UpstreamConfig, UpstreamTransport};
 use rmcp::model::{
     ClientCapabilities, ClientInfo, CreateMessageRequest, CreateMessageRequestParams,
     CreateMessageResult, ElicitRequest, ElicitRequestParams, ElicitResult, ErrorCode,
@@ -33,10 +34,12 @@ use rmcp::model::{
     ResourceUpdatedNotificationParam,
 };
 use rmcp::model::{LoggingMessageNotification, ResourceUpdatedNotification, ServerNotification};
-use rmcp::service::{ClientInitializeError, serve_client_with_lifecycle};
+use rmcp::service::{
+    ClientInitializeError, serve_client_with_lifecycle, serve_client_with_lifecycle_and_ct,
+};
 use rmcp::service::{NotificationContext, RequestContext, RunningService};
+use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
-use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{ClientHandler, ClientLifecycleMode, ErrorData as McpError, RoleClient};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{mpsc, oneshot};
@@ -87,6 +90,14 @@ impl UpstreamStatus {
             UpstreamStatus::Up => "up",
             UpstreamStatus::Down(_) => "down",
             UpstreamStatus::Disabled => "disabled",
+        }
+    }
+
+    /// Why it is down, if it is.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            UpstreamStatus::Down(why) => Some(why),
+            _ => None,
         }
     }
 }
@@ -207,7 +218,7 @@ impl Drop for InFlightGuard {
 pub struct UpstreamRelay {
     upstream: usize,
     name: String,
-    namer: Arc<Namer>,
+    namer: Arc<crate::gateway::NamerCell>,
     target: RelayTarget,
     info: ClientInfo,
     /// Upstream progress token (assigned by our client) → (client's token, client peer).
@@ -285,7 +296,7 @@ impl UpstreamRelay {
     pub fn new(
         upstream: usize,
         name: &str,
-        namer: Arc<Namer>,
+        namer: Arc<crate::gateway::NamerCell>,
         target: RelayTarget,
         client: Option<&ClientInfo>,
         changes: mpsc::Sender<ListChanged>,
@@ -541,7 +552,7 @@ impl ClientHandler for UpstreamRelay {
             let _ = updates.send((self.upstream, params.uri.clone()));
         }
         if let RelayTarget::Session(client) = &self.target {
-            params.uri = self.namer.uri(&self.name, &params.uri);
+            params.uri = self.namer.get().uri(&self.name, &params.uri);
             client
                 .push(ServerNotification::ResourceUpdatedNotification(
                     ResourceUpdatedNotification::new(params),
@@ -580,6 +591,24 @@ pub enum ConnectError {
     /// Nothing answered in time.
     #[error("no answer within {0:?} (connect_timeout_secs)")]
     Timeout(Duration),
+    /// The HTTP+SSE transport could not be opened.
+    #[error("{0}")]
+    Sse(#[from] crate::upstream_sse::SseError),
+    /// A secret reference in a header or environment value could not be
+    /// resolved (the message names the reference, never a value).
+    #[error(
+        "upstream `{upstream}`: {field} `{key}`: {source}; set it where meshgate runs, or change the reference"
+    )]
+    Secret {
+        /// The upstream.
+        upstream: String,
+        /// `header` or `env`.
+        field: &'static str,
+        /// The header or variable name.
+        key: String,
+        /// Which reference and why.
+        source: meshgate_core::secrets::ResolveError,
+    },
 }
 
 /// Which revision era an upstream was found to speak, remembered for its
@@ -647,27 +676,49 @@ pub async fn connect(
     http: &crate::gateway::HttpClients,
     era: &Era,
 ) -> Result<UpstreamConnection, ConnectError> {
+    connect_with(cfg, relay, http, era, None).await
+}
+
+/// [`connect`] for one client session's own connection: `authorization`
+/// is the client's `Authorization` header, sent instead of a configured
+/// one when the upstream has `forward_authorization` (the caller passes it
+/// only then).
+pub async fn connect_with(
+    cfg: &UpstreamConfig,
+    relay: UpstreamRelay,
+    http: &crate::gateway::HttpClients,
+    era: &Era,
+    authorization: Option<&str>,
+) -> Result<UpstreamConnection, ConnectError> {
+    // The resolved configuration holds secrets: it is used for this
+    // attempt only and never logged.
+    let resolved = connection_config(cfg, authorization, &env_secret, &file_secret)?;
+    let cfg: &UpstreamConfig = &resolved;
     let limit = Duration::from_secs(cfg.connect_timeout_secs);
+    // One deadline for the whole attempt, also handed to the transport, so an
+    // SSE upstream that never sends its `endpoint` event is reported as such.
+    let deadline = tokio::time::Instant::now() + limit;
     let fut = async {
         let probe = ClientLifecycleMode::Auto {
             preferred_versions: vec![ProtocolVersion::V_2026_07_28],
             legacy_version: None,
         };
-        let first = if era.is_legacy() {
+        // 2024-11-05 HTTP+SSE servers predate `server/discover`.
+        let first = if era.is_legacy() || cfg.transport == UpstreamTransport::Sse {
             ClientLifecycleMode::Initialize
         } else {
             probe
         };
         let retry = first != ClientLifecycleMode::Initialize;
-        match handshake(cfg, relay.clone(), http, first).await {
+        match handshake(cfg, relay.clone(), http, first, deadline).await {
             Err(Failure::Handshake(e)) if retry && wants_initialize(&e) => {
                 tracing::debug!(upstream = %cfg.name, error = %e, "upstream speaks no 2026-07-28; connecting with initialize");
-                handshake(cfg, relay, http, ClientLifecycleMode::Initialize).await
+                handshake(cfg, relay, http, ClientLifecycleMode::Initialize, deadline).await
             }
             other => other,
         }
     };
-    let conn = match tokio::time::timeout(limit, fut).await {
+    let conn = match tokio::time::timeout_at(deadline, fut).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(Failure::Connect(e))) => return Err(e),
         Ok(Err(Failure::Handshake(e))) => return Err(ConnectError::Handshake(e.to_string())),
@@ -677,6 +728,63 @@ pub async fn connect(
     Ok(conn)
 }
 
+/// The gateway's environment variable `name`, for `${env:NAME}`.
+fn env_secret(name: &str) -> Result<String, String> {
+    std::env::var(name).map_err(|e| match e {
+        std::env::VarError::NotPresent => {
+            format!("the gateway's environment has no variable {name}")
+        }
+        std::env::VarError::NotUnicode(_) => {
+            format!("the gateway's variable {name} is not valid UTF-8")
+        }
+    })
+}
+
+/// The content of the file at `path`, for `${file:/path}`.
+fn file_secret(path: &str) -> Result<String, String> {
+    // Secret files are small; a blocking read is shorter than a hop to
+    // the blocking pool.
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
+}
+
+/// `cfg` as one connection uses it: secret references in `headers` and
+/// `env` resolved through `env` and `file`, and, when given, the client's
+/// `authorization` in place of any configured `Authorization` header
+/// (added after resolution, so a client's header is never read as a
+/// reference). Borrowed when nothing changes.
+fn connection_config<'a>(
+    cfg: &'a UpstreamConfig,
+    authorization: Option<&str>,
+    env: &dyn Fn(&str) -> Result<String, String>,
+    file: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<std::borrow::Cow<'a, UpstreamConfig>, ConnectError> {
+    use meshgate_core::secrets::resolve;
+    // References, escapes and malformed references all contain `${`.
+    let needs =
+        |m: &std::collections::BTreeMap<String, String>| m.values().any(|v| v.contains("${"));
+    if authorization.is_none() && !needs(&cfg.headers) && !needs(&cfg.env) {
+        return Ok(std::borrow::Cow::Borrowed(cfg));
+    }
+    let mut out = cfg.clone();
+    for (field, map) in [("header", &mut out.headers), ("env", &mut out.env)] {
+        for (key, value) in map.iter_mut() {
+            *value = resolve(value, env, file).map_err(|source| ConnectError::Secret {
+                upstream: cfg.name.clone(),
+                field,
+                key: key.clone(),
+                source,
+            })?;
+        }
+    }
+    if let Some(credential) = authorization {
+        out.headers
+            .retain(|k, _| !k.eq_ignore_ascii_case(http::header::AUTHORIZATION.as_str()));
+        out.headers
+            .insert("Authorization".into(), credential.to_owned());
+    }
+    Ok(std::borrow::Cow::Owned(out))
+}
+
 /// Why one connection attempt failed.
 enum Failure {
     Connect(ConnectError),
@@ -684,20 +792,23 @@ enum Failure {
 }
 
 /// Opens the transport of `cfg` (for stdio: starts the process) and runs
-/// the handshake of `lifecycle` on it.
+/// the handshake of `lifecycle` on it; `deadline` ends the whole attempt.
 async fn handshake(
     cfg: &UpstreamConfig,
     relay: UpstreamRelay,
     http: &crate::gateway::HttpClients,
     lifecycle: ClientLifecycleMode,
+    deadline: tokio::time::Instant,
 ) -> Result<UpstreamConnection, Failure> {
     let name = cfg.name.clone();
     match cfg.transport {
         UpstreamTransport::Stdio => {
             let program = cfg.command.clone().unwrap_or_default();
             let mut cmd = tokio::process::Command::new(&program);
+            // Only what the configuration names reaches the child: the
+            // `inherit_env` variables and `env`.
             cmd.args(&cfg.args).env_clear();
-            for key in ["PATH", "HOME"] {
+            for key in &cfg.inherit_env {
                 if let Some(v) = std::env::var_os(key) {
                     cmd.env(key, v);
                 }
@@ -706,27 +817,49 @@ async fn handshake(
             if let Some(dir) = &cfg.cwd {
                 cmd.current_dir(dir);
             }
-            let (proc, stderr) = TokioChildProcess::builder(cmd)
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|source| {
-                    Failure::Connect(ConnectError::Spawn {
-                        command: program.clone(),
-                        source,
-                    })
-                })?;
-            if let Some(stderr) = stderr {
+                // The last resort if the supervisor task never runs (the
+                // runtime is going away).
+                .kill_on_drop(true);
+            // Its own process group: a terminal's Ctrl-C reaches the
+            // gateway only (which then drains and closes its upstreams),
+            // and a kill reaches what the child started too.
+            #[cfg(unix)]
+            cmd.process_group(0);
+            let mut child = cmd.spawn().map_err(|source| {
+                Failure::Connect(ConnectError::Spawn {
+                    command: program.clone(),
+                    source,
+                })
+            })?;
+            let pid = child.id();
+            let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                return Err(Failure::Connect(ConnectError::Handshake(
+                    "internal: the child's stdin or stdout was not piped".into(),
+                )));
+            };
+            if let Some(stderr) = child.stderr.take() {
                 let upstream = name.clone();
                 tokio::spawn(async move {
                     let mut lines = tokio::io::BufReader::new(stderr).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
-                        tracing::info!(upstream = %upstream, stream = "stderr", "{line}");
+                        tracing::info!(upstream = %upstream, pid, stream = "stderr", "{line}");
                     }
                 });
             }
-            serve_client_with_lifecycle(relay, proc, lifecycle)
-                .await
-                .map_err(|e| Failure::Handshake(Box::new(e)))
+            // Cancelled when the gateway closes or drops the connection
+            // (not when the child ends it): then the supervisor stops the child.
+            let stop = tokio_util::sync::CancellationToken::new();
+            supervise(child, name.clone(), pid, stop.clone());
+            let served =
+                serve_client_with_lifecycle_and_ct(relay, (stdout, stdin), lifecycle, stop.clone())
+                    .await;
+            if served.is_err() {
+                stop.cancel();
+            }
+            served.map_err(|e| Failure::Handshake(Box::new(e)))
         }
         UpstreamTransport::StreamableHttp => {
             let mut config =
@@ -755,7 +888,136 @@ async fn handshake(
                 .await
                 .map_err(|e| Failure::Handshake(Box::new(e)))
         }
+        UpstreamTransport::Sse => {
+            let url = cfg.url.clone().unwrap_or_default();
+            let client = http
+                .for_url(&url)
+                .map_err(|e| Failure::Connect(ConnectError::Handshake(e)))?;
+            let transport = crate::upstream_sse::SseTransport::connect(
+                client,
+                &url,
+                &cfg.headers,
+                deadline,
+                Duration::from_secs(cfg.timeout_secs),
+            )
+            .await
+            .map_err(|e| Failure::Connect(e.into()))?;
+            serve_client_with_lifecycle(relay, transport, lifecycle)
+                .await
+                .map_err(|e| Failure::Handshake(Box::new(e)))
+        }
     }
+}
+
+/// How long a stdio child may take to exit after its stdin closed before
+/// it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Stdio child processes not yet ended, so shutdown can wait for them.
+struct Children {
+    live: std::sync::atomic::AtomicUsize,
+    gone: tokio::sync::Notify,
+}
+
+static CHILDREN: std::sync::LazyLock<Children> = std::sync::LazyLock::new(|| Children {
+    live: Default::default(),
+    gone: tokio::sync::Notify::new(),
+});
+
+/// Counts one child as live until dropped.
+struct ChildGuard;
+
+impl ChildGuard {
+    fn enter() -> ChildGuard {
+        CHILDREN.live.fetch_add(1, Ordering::AcqRel);
+        ChildGuard
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if CHILDREN.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            CHILDREN.gone.notify_waiters();
+        }
+    }
+}
+
+/// Stdio child processes of this gateway process still running.
+pub fn live_children() -> usize {
+    CHILDREN.live.load(Ordering::Acquire)
+}
+
+/// Waits until every stdio child process has ended, at most `limit`;
+/// returns how many were left.
+pub async fn wait_for_children(limit: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let gone = CHILDREN.gone.notified();
+        let n = live_children();
+        if n == 0 {
+            return 0;
+        }
+        if tokio::time::timeout_at(deadline, gone).await.is_err() {
+            return live_children();
+        }
+    }
+}
+
+/// Watches one stdio child of `upstream`: logs its exit with the status at
+/// warn when it ends on its own (a crash, or it closed its stdout); once
+/// `stop` is cancelled (the gateway closed the connection, so the child's
+/// stdin is closed) gives it [`STOP_GRACE`] to exit, then kills it and
+/// what it started (its process group).
+fn supervise(
+    mut child: tokio::process::Child,
+    upstream: String,
+    pid: Option<u32>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let live = ChildGuard::enter();
+    tokio::spawn(async move {
+        let _live = live;
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => {}
+            status = child.wait() => {
+                match status {
+                    Ok(status) => tracing::warn!(upstream = %upstream, pid, %status, "upstream process exited"),
+                    Err(e) => tracing::warn!(upstream = %upstream, pid, error = %e, "upstream process exited; its exit status could not be read"),
+                }
+                return;
+            }
+        }
+        match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+            Ok(Ok(status)) => {
+                tracing::info!(upstream = %upstream, pid, %status, "upstream process ended after its connection closed")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(upstream = %upstream, pid, error = %e, "waiting for the upstream process failed")
+            }
+            Err(_) => {
+                kill_group(pid);
+                let killed = child.kill().await;
+                tracing::warn!(upstream = %upstream, pid, killed = killed.is_ok(), "upstream process did not exit within 2 s of its stdin closing; killed it (SIGKILL)");
+            }
+        }
+    });
+}
+
+/// Sends SIGKILL to the process group led by `pid` (the stdio child, not
+/// yet reaped, so the id is still its own).
+fn kill_group(pid: Option<u32>) {
+    #[cfg(unix)]
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok())
+        && pid > 0
+    {
+        // SAFETY: kill(2) takes plain integers and touches no memory.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = pid;
 }
 
 /// Seconds since the Unix epoch, for status timestamps.
@@ -764,4 +1026,94 @@ pub fn unix_now() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Result<String, String> {
+        match name {
+            "TOKEN" => Ok("s3cret".into()),
+            _ => Err(format!("the gateway's environment has no variable {name}")),
+        }
+    }
+
+    fn file(path: &str) -> Result<String, String> {
+        Err(format!("cannot read {path}: No such file or directory"))
+    }
+
+    fn http_upstream() -> UpstreamConfig {
+        let mut up = UpstreamConfig::new("api", UpstreamTransport::StreamableHttp);
+        up.url = Some("http://127.0.0.1:1/mcp".into());
+        up
+    }
+
+    #[test]
+    fn a_plain_definition_is_used_as_it_is() {
+        let mut up = http_upstream();
+        up.headers.insert("X-Plain".into(), "$HOME".into());
+        let cfg = connection_config(&up, None, &env, &file).expect("nothing to resolve");
+        assert!(matches!(cfg, std::borrow::Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn references_are_resolved_and_escapes_unescaped() {
+        let mut up = http_upstream();
+        up.headers
+            .insert("Authorization".into(), "Bearer ${env:TOKEN}".into());
+        up.headers
+            .insert("X-Literal".into(), "$${env:TOKEN}".into());
+        up.env.insert("KEY".into(), "${env:TOKEN}".into());
+        let cfg = connection_config(&up, None, &env, &file).expect("resolves");
+        assert_eq!(cfg.headers["Authorization"], "Bearer s3cret");
+        assert_eq!(cfg.headers["X-Literal"], "${env:TOKEN}");
+        assert_eq!(cfg.env["KEY"], "s3cret");
+        // The stored definition keeps the reference.
+        assert_eq!(up.headers["Authorization"], "Bearer ${env:TOKEN}");
+    }
+
+    #[test]
+    fn a_missing_secret_names_upstream_key_and_reference_but_no_value() {
+        let mut up = http_upstream();
+        up.headers.insert("A".into(), "${env:TOKEN}".into());
+        up.headers
+            .insert("X-Key".into(), "k-${file:/run/secrets/key}".into());
+        let e = connection_config(&up, None, &env, &file).expect_err("the file is missing");
+        let text = e.to_string();
+        for part in [
+            "upstream `api`",
+            "header `X-Key`",
+            "${file:/run/secrets/key}",
+        ] {
+            assert!(text.contains(part), "{part} in {text}");
+        }
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+
+    #[test]
+    fn a_forwarded_authorization_replaces_the_configured_one_and_is_never_resolved() {
+        let mut up = http_upstream();
+        up.headers
+            .insert("authorization".into(), "Bearer ${env:TOKEN}".into());
+        up.headers.insert("X-Tenant".into(), "acme".into());
+        let cfg =
+            connection_config(&up, Some("Bearer ${env:TOKEN}"), &env, &file).expect("resolves");
+        let auth: Vec<(&String, &String)> = cfg
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            .collect();
+        assert_eq!(
+            auth,
+            [(
+                &"Authorization".to_owned(),
+                &"Bearer ${env:TOKEN}".to_owned()
+            )],
+            "the client's header, verbatim, in place of the configured one"
+        );
+        assert_eq!(cfg.headers["X-Tenant"], "acme");
+        let without = connection_config(&up, None, &env, &file).expect("resolves");
+        assert_eq!(without.headers["authorization"], "Bearer s3cret");
+    }
 }

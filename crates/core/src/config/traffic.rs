@@ -273,11 +273,11 @@ impl BackpressureConfig {
 
 /// Checks the traffic settings of upstream `i`.
 pub(super) fn validate_upstream(
-    i: usize,
+    prefix: &str,
     up: &super::UpstreamConfig,
     errors: &mut Vec<ConfigError>,
 ) {
-    let k = |f: &str| format!("upstreams[{i}].{f}");
+    let k = |f: &str| format!("{prefix}.{f}");
     if up.deadline_secs == Some(0) {
         errors.push(invalid(&k("deadline_secs"), "0", "must be at least 1"));
     }

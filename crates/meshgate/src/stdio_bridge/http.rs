@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
+use meshgate_protocol::sse::{SseEvent, SseParser};
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use reqwest::{Response, StatusCode, Url};
 use serde_json::{Value, json};
@@ -21,7 +22,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::sse::{SseEvent, SseParser};
 use super::{
     BRIDGE_ERROR, Backoff, Kind, Message, Options, Out, answers, initialized_notification,
     replay_id, replayed_initialize,

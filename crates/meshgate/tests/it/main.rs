@@ -5,6 +5,7 @@
 
 mod auth;
 mod bad_input;
+mod caching;
 mod drain;
 mod dual_stack;
 mod everything;
@@ -13,6 +14,7 @@ mod federation;
 mod frame_cli;
 mod legacy_sse;
 mod limits;
+mod managed;
 mod mcp_ws;
 mod mesh;
 mod mesh_binary;
@@ -22,5 +24,11 @@ mod origin;
 mod resilience;
 mod sessions;
 mod stdio_bridge;
+mod stdio_supervision;
 mod streamable;
 mod support;
+mod tools_api;
+mod tools_search;
+mod upstream_kinds;
+mod validation;
+mod virtual_servers;

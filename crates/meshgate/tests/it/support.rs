@@ -336,6 +336,8 @@ pub struct Gateway {
     http: reqwest::Client,
     /// The admin key the gateway created on first start (empty when auth is off).
     pub admin_key: String,
+    /// Extra variables of the gateway process's environment.
+    extra_env: Vec<(String, String)>,
     // Dropped last: the process must be gone before its directory is removed.
     dir: TempDir,
 }
@@ -343,6 +345,12 @@ pub struct Gateway {
 impl Gateway {
     /// Writes the configuration, starts the gateway and waits until `/ready` is 200.
     pub async fn start(config: &GatewayConfig) -> Gateway {
+        Gateway::start_with_env(config, &[]).await
+    }
+
+    /// [`Gateway::start`] with extra variables in the gateway process's
+    /// environment (e.g. what `${env:NAME}` references read); restarts keep them.
+    pub async fn start_with_env(config: &GatewayConfig, env: &[(&str, &str)]) -> Gateway {
         let dir = TempDir::new("gw");
         let port = free_port();
         let data_dir = dir.path().join("data");
@@ -357,6 +365,10 @@ impl Gateway {
             data_dir,
             http: reqwest::Client::new(),
             admin_key: String::new(),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             dir,
         };
         // The free port can be taken (e.g. as another test's outgoing port)
@@ -436,6 +448,7 @@ impl Gateway {
                 cmd.env_remove(name);
             }
         }
+        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", meshgate_bin().display()));
@@ -777,20 +790,7 @@ pub async fn connect_as(
     version: ProtocolVersion,
     key: &str,
 ) -> (Session, TestClient) {
-    let client = TestClient::new(version);
-    let mut config =
-        rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig::with_uri(
-            gw.mcp_url(),
-        );
-    if !key.is_empty() {
-        config = config.auth_header(key.to_owned());
-    }
-    let transport = StreamableHttpClientTransport::from_config(config);
-    let session = tokio::time::timeout(WAIT, client.clone().serve(transport))
-        .await
-        .expect("initialize did not finish in time")
-        .unwrap_or_else(|e| panic!("initialize failed: {e}; gateway log:\n{}", gw.log()));
-    (session, client)
+    connect_to(gw, "/mcp", version, key).await
 }
 
 /// `tools/call` parameters from a name and a JSON object of arguments.
@@ -1291,4 +1291,65 @@ pub fn python() -> PathBuf {
         python.display()
     );
     python
+}
+
+impl Gateway {
+    /// Its configuration file.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Rewrites its configuration file from `config` (same port and data
+    /// directory), for reload tests; the running gateway is not told.
+    pub fn rewrite_config(&self, config: &GatewayConfig) {
+        let text = config.render(self.port, &self.data_dir);
+        // Written whole and renamed into place, as editors do, so the
+        // gateway never reads half a file.
+        let tmp = self.config_path.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).expect("write the config file");
+        std::fs::rename(&tmp, &self.config_path).expect("replace the config file");
+    }
+
+    /// Sends SIGHUP (reload the configuration).
+    pub fn send_sighup(&self) {
+        let pid = self.pid().expect("the gateway is running");
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP failed");
+    }
+}
+
+/// Like [`connect_as`], to another MCP endpoint of the gateway (`path`,
+/// e.g. `/servers/dev/mcp`).
+pub async fn connect_path(gw: &Gateway, path: &str, key: &str) -> (Session, TestClient) {
+    connect_to(gw, path, ProtocolVersion::LATEST, key).await
+}
+
+async fn connect_to(
+    gw: &Gateway,
+    path: &str,
+    version: ProtocolVersion,
+    key: &str,
+) -> (Session, TestClient) {
+    let client = TestClient::new(version);
+    let mut config =
+        rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig::with_uri(
+            gw.url(path),
+        );
+    if !key.is_empty() {
+        config = config.auth_header(key.to_owned());
+    }
+    let transport = StreamableHttpClientTransport::from_config(config);
+    let session = tokio::time::timeout(WAIT, client.clone().serve(transport))
+        .await
+        .expect("initialize did not finish in time")
+        .unwrap_or_else(|e| {
+            panic!(
+                "initialize at {path} failed: {e}; gateway log:\n{}",
+                gw.log()
+            )
+        });
+    (session, client)
 }

@@ -45,7 +45,12 @@ pub fn route_scope(method: &Method, path: &str) -> Option<&'static str> {
     {
         return Some(scope::ADMIN);
     }
-    if path == "/mcp" || path.starts_with("/mcp/") || path == "/sse" || path == "/messages" {
+    if path == "/mcp"
+        || path.starts_with("/mcp/")
+        || path == "/sse"
+        || path == "/messages"
+        || path.starts_with("/servers/")
+    {
         return Some(scope::MCP_READ);
     }
     if path == "/metrics" || path.starts_with("/health/") {
@@ -79,6 +84,20 @@ pub fn route_scope(method: &Method, path: &str) -> Option<&'static str> {
             scope::TASKS_WRITE
         } else {
             scope::TASKS_READ
+        });
+    }
+    if path == "/api/v1/tools" || path.starts_with("/api/v1/tools/") {
+        return Some(if write {
+            scope::MCP_CALL
+        } else {
+            scope::MCP_READ
+        });
+    }
+    if path == "/api/v1/upstreams" || path.starts_with("/api/v1/upstreams/") {
+        return Some(if write {
+            scope::UPSTREAMS_WRITE
+        } else {
+            scope::UPSTREAMS_READ
         });
     }
     if path == "/api/v1/audit" {

@@ -4,8 +4,16 @@
 //! joined with LF, a blank line dispatches the event, an event with no data
 //! is not dispatched but still sets the last event id (the MCP priming
 //! event), `id` containing NUL is ignored, and `retry` takes digits only.
+//!
+//! Pure bytes in, events out: the caller owns the connection. Used by
+//! `meshgate stdio` (Streamable HTTP answers and `GET` streams) and by the
+//! server's client of 2024-11-05 HTTP+SSE upstreams (`endpoint` and
+//! `message` events).
 
 use std::time::Duration;
+
+/// The UTF-8 byte order mark, dropped at the start of a stream.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,8 +33,10 @@ pub struct SseParser {
     /// The previous chunk ended in CR: an LF at the start of the next one
     /// belongs to that line end.
     after_cr: bool,
-    /// Still before the first byte (a leading BOM is dropped there).
+    /// Past the first bytes (a leading BOM is dropped there).
     started: bool,
+    /// The first bytes, held while they could still be the start of a BOM.
+    head: Vec<u8>,
     data: String,
     has_data: bool,
     event: Option<String>,
@@ -63,25 +73,37 @@ impl SseParser {
     }
 
     /// Feeds a chunk; returns the events it completed, in order.
-    pub fn push(&mut self, mut chunk: &[u8]) -> Vec<SseEvent> {
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
         let mut events = Vec::new();
-        if !self.started && !chunk.is_empty() {
-            self.started = true;
-            chunk = chunk.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(chunk);
+        if self.started {
+            self.feed(chunk, &mut events);
+            return events;
         }
+        // A leading BOM can itself arrive split across chunks: hold the first
+        // bytes back until they are known to be one or not.
+        self.head.extend_from_slice(chunk);
+        if self.head.len() < BOM.len() && BOM.starts_with(&self.head) {
+            return events;
+        }
+        self.started = true;
+        let head = std::mem::take(&mut self.head);
+        self.feed(head.strip_prefix(BOM).unwrap_or(&head), &mut events);
+        events
+    }
+
+    fn feed(&mut self, chunk: &[u8], events: &mut Vec<SseEvent>) {
         for &byte in chunk {
             let after_cr = std::mem::take(&mut self.after_cr);
             match byte {
                 b'\n' if after_cr => {}
-                b'\n' => self.end_line(&mut events),
+                b'\n' => self.end_line(events),
                 b'\r' => {
                     self.after_cr = true;
-                    self.end_line(&mut events);
+                    self.end_line(events);
                 }
                 _ => self.line.push(byte),
             }
         }
-        events
     }
 
     fn end_line(&mut self, events: &mut Vec<SseEvent>) {
@@ -137,6 +159,7 @@ impl SseParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn parse_all(chunks: &[&[u8]]) -> (Vec<SseEvent>, SseParser) {
         let mut parser = SseParser::new();
@@ -232,6 +255,52 @@ mod tests {
     fn a_field_without_colon_has_an_empty_value_and_only_one_space_is_stripped() {
         let (events, _) = parse_all(&[b"data\ndata:  two spaces\n\n"]);
         assert_eq!(data(&events), ["\n two spaces"]);
+    }
+
+    /// One line of a generated stream: a field, a comment or a blank line
+    /// (which dispatches), with any of the three line ends.
+    fn line() -> impl Strategy<Value = Vec<u8>> {
+        let body = prop_oneof![
+            Just(String::new()),
+            "[a-z{}\":, é]{0,12}".prop_map(|v| format!("data: {v}")),
+            "[a-z]{0,6}".prop_map(|v| format!("event: {v}")),
+            "[0-9a-z/]{0,4}".prop_map(|v| format!("id: {v}")),
+            "[0-9x]{0,4}".prop_map(|v| format!("retry: {v}")),
+            "[ -~]{0,8}".prop_map(|v| format!(":{v}")),
+            Just("data".to_owned()),
+        ];
+        let end = prop_oneof![Just("\n"), Just("\r"), Just("\r\n")];
+        (body, end).prop_map(|(b, e)| format!("{b}{e}").into_bytes())
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_of_a_stream_yields_the_same_events(
+            bom in any::<bool>(),
+            lines in proptest::collection::vec(line(), 0..40),
+            noise in proptest::collection::vec(any::<u8>(), 0..16),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let mut text: Vec<u8> = if bom { BOM.to_vec() } else { Vec::new() };
+            text.extend(lines.concat());
+            text.extend(noise);
+            let whole = parse_all(&[&text]);
+            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(text.len() + 1)).collect();
+            at.sort_unstable();
+            let mut chunks: Vec<&[u8]> = Vec::new();
+            let mut from = 0;
+            for cut in at {
+                chunks.push(&text[from..cut]);
+                from = cut;
+            }
+            chunks.push(&text[from..]);
+            let split = parse_all(&chunks);
+            prop_assert_eq!(&split.0, &whole.0);
+            prop_assert_eq!(split.1.last_event_id(), whole.1.last_event_id());
+            prop_assert_eq!(split.1.retry(), whole.1.retry());
+            let bytewise: Vec<&[u8]> = text.chunks(1).collect();
+            prop_assert_eq!(parse_all(&bytewise).0, whole.0);
+        }
     }
 
     #[test]
