@@ -12,9 +12,8 @@
 // what the translation between revisions is about.
 #![allow(deprecated)]
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 
 use rmcp::model::{LoggingLevel, ProtocolVersion, ServerNotification, SubscriptionFilter};
 use rmcp::service::RunningService;
@@ -23,8 +22,8 @@ use rmcp::{ClientLifecycleMode, ClientServiceExt, RoleClient};
 use serde_json::{Value, json};
 
 use crate::support::{
-    ACCEPT_BOTH, Gateway, GatewayConfig, RawSession, SAMPLED_TEXT, Seen, Session, SseReader,
-    TestClient, WAIT, call_tool, connect, fixture_bin, python, text_of, tool_names,
+    ACCEPT_BOTH, Gateway, GatewayConfig, HttpFixture, RawSession, SAMPLED_TEXT, Seen, Session,
+    SseReader, TestClient, WAIT, call_tool, connect, fixture_bin, python, text_of, tool_names,
 };
 
 /// The revision served per request.
@@ -39,59 +38,15 @@ const OLD: &str = "2025-06-18";
 
 /// `meshgate-fixture --mode basic --transport http --versions <versions>`,
 /// killed on drop.
-struct Fixture {
-    child: Child,
-    url: String,
-}
-
-impl Fixture {
-    fn start(versions: &str) -> Fixture {
-        let mut child = Command::new(fixture_bin())
-            .args([
-                "--mode",
-                "basic",
-                "--transport",
-                "http",
-                "--listen",
-                "127.0.0.1:0",
-                "--versions",
-                versions,
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", fixture_bin().display()));
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let mut line = String::new();
-        let read = BufReader::new(stdout).read_line(&mut line);
-        let url = match read {
-            Ok(n) if n > 0 => line.trim().strip_prefix("listening on ").map(str::to_owned),
-            _ => None,
-        };
-        match url {
-            Some(url) => Fixture { child, url },
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the fixture did not announce its address; first stdout line: {line:?}");
-            }
-        }
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn fixture(versions: &str) -> HttpFixture {
+    HttpFixture::start_with(&["--versions", versions])
 }
 
 /// A gateway in front of fixture upstreams serving `versions`: `fx` over
 /// HTTP and `fxs` over stdio.
 struct Env {
     gw: Gateway,
-    _fx: Fixture,
+    _fx: HttpFixture,
 }
 
 impl Env {
@@ -102,7 +57,7 @@ impl Env {
     /// `fx` serving `http_versions`, `fxs` serving `stdio_versions`.
     async fn mixed(http_versions: &str, stdio_versions: &str) -> Env {
         let versions = stdio_versions;
-        let fx = Fixture::start(http_versions);
+        let fx = fixture(http_versions);
         let config = GatewayConfig::new()
             .http_upstream("fx", &fx.url)
             .stdio_upstream(

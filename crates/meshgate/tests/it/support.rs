@@ -155,6 +155,11 @@ pub struct HttpFixture {
 impl HttpFixture {
     /// Starts the fixture and waits for its `listening on` line.
     pub fn start() -> HttpFixture {
+        HttpFixture::start_with(&[])
+    }
+
+    /// [`HttpFixture::start`] with more arguments (e.g. `--versions all`).
+    pub fn start_with(extra: &[&str]) -> HttpFixture {
         let mut child = Command::new(fixture_bin())
             .args([
                 "--mode",
@@ -164,6 +169,7 @@ impl HttpFixture {
                 "--listen",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
