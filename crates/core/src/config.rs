@@ -386,14 +386,40 @@ impl UpstreamConfig {
         if !valid_tenant(&self.tenant) {
             errors.push(invalid(&k("tenant"), &self.tenant, TENANT_RULE));
         }
-        if self.timeout_secs == 0 {
-            errors.push(invalid(&k("timeout_secs"), "0", "must be at least 1"));
+        // Upper bounds keep deadline arithmetic in range and stop one
+        // upstream from holding its connect slot for days.
+        let bounded = |key: &str, v: u64, max: u64, errors: &mut Vec<ConfigError>| {
+            if v == 0 || v > max {
+                errors.push(invalid(
+                    &k(key),
+                    &v.to_string(),
+                    &format!("must be 1 to {max} seconds"),
+                ));
+            }
+        };
+        bounded("timeout_secs", self.timeout_secs, MAX_CALL_SECS, errors);
+        bounded(
+            "connect_timeout_secs",
+            self.connect_timeout_secs,
+            MAX_CONNECT_SECS,
+            errors,
+        );
+        if let Some(d) = self.deadline_secs {
+            bounded("deadline_secs", d, MAX_CALL_SECS, errors);
         }
-        if self.connect_timeout_secs == 0 {
+        for (tool, secs) in &self.tool_timeouts {
+            bounded(
+                &format!("tool_timeouts.{tool}"),
+                *secs,
+                MAX_CALL_SECS,
+                errors,
+            );
+        }
+        if self.forward_authorization && !self.cache_ttl_secs.is_empty() {
             errors.push(invalid(
-                &k("connect_timeout_secs"),
-                "0",
-                "must be at least 1",
+                &k("cache_ttl_secs"),
+                &format!("{} tools", self.cache_ttl_secs.len()),
+                "cannot be combined with forward_authorization: the upstream answers per caller, and the cache is shared by every caller of a tenant",
             ));
         }
         for (tool, ttl) in &self.cache_ttl_secs {
@@ -486,6 +512,11 @@ impl UpstreamConfig {
         }
     }
 }
+
+/// Longest `timeout_secs`, `deadline_secs` and `tool_timeouts` (one day).
+pub const MAX_CALL_SECS: u64 = 86_400;
+/// Longest `connect_timeout_secs` (five minutes).
+pub const MAX_CONNECT_SECS: u64 = 300;
 
 /// The tenant of objects that name none.
 pub const DEFAULT_TENANT: &str = "default";
@@ -609,6 +640,11 @@ pub struct AuthConfig {
     pub tool_rules: Vec<ToolRuleConfig>,
     /// External OAuth issuers (MCP authorization).
     pub oauth: OAuthConfig,
+    /// Whether upstreams created through the API by a tenant (a caller
+    /// without `tenants:*`) may point at loopback, private, link-local or
+    /// unspecified addresses (off: the gateway is not a way into the
+    /// networks it can reach).
+    pub tenant_upstreams_private_addresses: bool,
 }
 
 impl Default for AuthConfig {
@@ -622,6 +658,7 @@ impl Default for AuthConfig {
             audit: AuditConfig::default(),
             tool_rules: Vec::new(),
             oauth: OAuthConfig::default(),
+            tenant_upstreams_private_addresses: false,
         }
     }
 }

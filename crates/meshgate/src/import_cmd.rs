@@ -57,6 +57,8 @@ fn load(args: &ImportArgs) -> anyhow::Result<Config> {
         }
         None => Config::default(),
     };
+    // As `meshgate serve` reads it, so both use the same data directory.
+    config.apply_env(std::env::vars())?;
     if let Some(d) = &args.data_dir {
         config.data_dir = d.clone();
     }

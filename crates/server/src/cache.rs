@@ -7,16 +7,19 @@
 //! The handler asks [`ResultCache::lookup`] after authorization, tool rules
 //! and rate limits (a hit is still a call for those and for the audit log),
 //! and hands a miss's [`Ticket`] to [`ResultCache::store`] with the result.
-//! Tools whose annotations say they change something (`readOnlyHint: false`
-//! or `destructiveHint: true`) are never cached, whatever the configuration;
-//! tools without annotations are cached when the operator set a TTL. Errors
+//! A tool with annotations is cached only when they say `readOnlyHint:
+//! true` (MCP's default is `false`) and not `destructiveHint: true`,
+//! whatever the configuration; a tool without annotations at all is cached
+//! when the operator set a TTL (the operator vouches that it reads). Errors
 //! (`isError: true`, JSON-RPC errors), input requests and task results are
 //! never stored. All entries of an upstream are dropped when its tool list
 //! changes.
 //!
 //! One `std::sync::Mutex` guards the map: every operation is a few map
 //! steps with no await under the lock. Expired entries are dropped when
-//! looked up, and by a sweep at most once a second when storing.
+//! looked up, and by a sweep at most once a second when storing. A call in
+//! flight across an invalidation that covers its upstream and tenant does
+//! not store; invalidations of other upstreams or tenants do not stop it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -60,9 +63,64 @@ struct Inner {
     next_seq: u64,
     bytes: usize,
     last_sweep: Duration,
-    /// Bumped by every invalidation: a call that was in flight across one
-    /// must not store what it got from before it.
-    epoch: u64,
+    /// When each scope was last invalidated: a call that was in flight
+    /// across an invalidation of its upstream or tenant must not store what
+    /// it got from before it.
+    cuts: Cuts,
+}
+
+/// The invalidation clock and, per scope, the clock at its last
+/// invalidation. Kept per scope so that one upstream's list change or one
+/// tenant's flush does not stop every other in-flight result from being
+/// stored. The maps grow only by upstream and tenant names that were
+/// invalidated, which configuration and the admin API bound.
+#[derive(Default)]
+struct Cuts {
+    /// Advanced by every invalidation; a ticket remembers its value.
+    clock: u64,
+    /// Every upstream, every tenant (`DELETE /admin/cache` by `tenants:*`).
+    all: u64,
+    /// One upstream, every tenant.
+    upstream: HashMap<String, u64>,
+    /// Every upstream, one tenant.
+    tenant: HashMap<String, u64>,
+    /// One upstream, one tenant.
+    pair: HashMap<(String, String), u64>,
+}
+
+impl Cuts {
+    /// Records an invalidation of `upstream` (all when `None`) for `tenant`
+    /// (all when `None`).
+    fn cut(&mut self, upstream: Option<&str>, tenant: Option<&str>) {
+        self.clock += 1;
+        let now = self.clock;
+        match (upstream, tenant) {
+            (None, None) => self.all = now,
+            (Some(u), None) => {
+                self.upstream.insert(u.to_owned(), now);
+            }
+            (None, Some(t)) => {
+                self.tenant.insert(t.to_owned(), now);
+            }
+            (Some(u), Some(t)) => {
+                self.pair.insert((u.to_owned(), t.to_owned()), now);
+            }
+        }
+    }
+
+    /// Whether an invalidation covering `upstream` and `tenant` happened
+    /// after the clock read `issued`.
+    fn stale(&self, upstream: &str, tenant: &str, issued: u64) -> bool {
+        let last = [
+            Some(self.all),
+            self.upstream.get(upstream).copied(),
+            self.tenant.get(tenant).copied(),
+            self.pair
+                .get(&(upstream.to_owned(), tenant.to_owned()))
+                .copied(),
+        ];
+        last.into_iter().flatten().any(|at| at > issued)
+    }
 }
 
 struct Entry {
@@ -82,7 +140,8 @@ pub struct Ticket {
     upstream: String,
     tenant: String,
     ttl: Duration,
-    epoch: u64,
+    /// The invalidation clock when the lookup missed.
+    issued: u64,
 }
 
 /// What [`ResultCache::lookup`] found.
@@ -97,15 +156,17 @@ pub enum Lookup {
 }
 
 /// Why a configured TTL is not honoured for `tool`, if it is not: the
-/// annotation that says the tool is not read-only.
+/// annotation that says the tool may not be read-only. A tool with
+/// annotations that do not say `readOnlyHint: true` is taken at MCP's
+/// default (`false`); a tool with no annotations at all is the operator's
+/// call, so it is cached as configured.
 pub fn refusal(tool: Option<&Tool>) -> Option<&'static str> {
     let a = tool?.annotations.as_ref()?;
-    if a.read_only_hint == Some(false) {
-        Some("readOnlyHint: false")
-    } else if a.destructive_hint == Some(true) {
-        Some("destructiveHint: true")
-    } else {
-        None
+    match a.read_only_hint {
+        Some(false) => Some("readOnlyHint: false"),
+        None => Some("without readOnlyHint: true (MCP's default is false)"),
+        Some(true) if a.destructive_hint == Some(true) => Some("destructiveHint: true"),
+        Some(true) => None,
     }
 }
 
@@ -163,14 +224,14 @@ impl ResultCache {
                 metrics::counter!("gateway_cache_hits_total", "upstream" => upstream.clone(), "tool" => tool.to_owned()).increment(1);
                 Lookup::Hit(result)
             }
-            Err(epoch) => {
+            Err(issued) => {
                 metrics::counter!("gateway_cache_misses_total", "upstream" => upstream.clone(), "tool" => tool.to_owned()).increment(1);
                 Lookup::Miss(Ticket {
                     key: k,
                     upstream: upstream.clone(),
                     tenant: tenant.to_owned(),
                     ttl: Duration::from_secs(ttl),
-                    epoch,
+                    issued,
                 })
             }
         }
@@ -198,7 +259,7 @@ impl ResultCache {
         let Ok(mut inner) = self.inner.lock() else {
             return 0;
         };
-        inner.epoch += 1;
+        inner.cuts.cut(upstream, tenant);
         let dropped = inner.remove_where(|e| {
             upstream.is_none_or(|u| e.upstream == u) && tenant.is_none_or(|t| e.tenant == t)
         });
@@ -226,20 +287,22 @@ impl ResultCache {
                 upstream,
                 tool,
                 annotation = why,
-                "not caching results of tool `{tool}` although upstream `{upstream}` sets cache_ttl_secs.{tool}: the tool is annotated {why}, so its calls may change something; remove the setting"
+                "not caching results of tool `{tool}` although upstream `{upstream}` sets cache_ttl_secs.{tool}: the tool is annotated {why}, so its calls may change something; remove the setting, or have the upstream annotate the tool readOnlyHint: true if it only reads"
             );
         }
     }
 
-    /// The fresh result under `k`, marked as a hit; `Err(epoch)` when
-    /// absent or expired (an expired entry is dropped).
+    /// The fresh result under `k`, marked as a hit; `Err` with the
+    /// invalidation clock when absent or expired (an expired entry is
+    /// dropped).
     fn get(&self, k: &Key, now: Duration) -> Result<CallToolResult, u64> {
         let Ok(mut inner) = self.inner.lock() else {
-            return Err(u64::MAX);
+            // Poisoned: `put` cannot lock either, so nothing is stored.
+            return Err(0);
         };
-        let epoch = inner.epoch;
+        let issued = inner.cuts.clock;
         let (fresh, seq) = match inner.entries.get(k) {
-            None => return Err(epoch),
+            None => return Err(issued),
             Some(e) => (now < e.expires, e.seq),
         };
         if !fresh {
@@ -247,7 +310,7 @@ impl ResultCache {
                 count_dropped(&[e.upstream], "expired");
             }
             publish(&inner);
-            return Err(epoch);
+            return Err(issued);
         }
         let e = &inner.entries[k];
         let mut result = e.result.clone();
@@ -272,7 +335,10 @@ impl ResultCache {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
-        if inner.epoch != ticket.epoch {
+        if inner
+            .cuts
+            .stale(&ticket.upstream, &ticket.tenant, ticket.issued)
+        {
             return;
         }
         if now.saturating_sub(inner.last_sweep) >= SWEEP_EVERY {
@@ -375,13 +441,13 @@ mod tests {
 
     fn ticket(c: &ResultCache, upstream: &str, tenant: &str, a: &str, ttl: u64) -> Ticket {
         let k = key(upstream, "t", tenant, Some(&args(json!({ "a": a }))));
-        let epoch = c.get(&k, Duration::ZERO).expect_err("not cached yet");
+        let issued = c.get(&k, Duration::ZERO).expect_err("not cached yet");
         Ticket {
             key: k,
             upstream: upstream.into(),
             tenant: tenant.into(),
             ttl: Duration::from_secs(ttl),
-            epoch,
+            issued,
         }
     }
 
@@ -546,7 +612,39 @@ mod tests {
     }
 
     #[test]
-    fn tools_annotated_as_changing_something_are_refused() {
+    fn an_invalidation_stops_only_the_calls_it_covers() {
+        let c = ResultCache::new(10, 1 << 20);
+        // Each case: the invalidation, and which in-flight calls
+        // (upstream, tenant) may still store.
+        type Case = (Option<&'static str>, Option<&'static str>, [bool; 4]);
+        let cases: [Case; 4] = [
+            (Some("u"), None, [false, false, true, true]),
+            (None, Some("a"), [false, true, false, true]),
+            (Some("u"), Some("a"), [false, true, true, true]),
+            (None, None, [false, false, false, false]),
+        ];
+        for (n, (upstream, tenant, stores)) in cases.into_iter().enumerate() {
+            let calls = [("u", "a"), ("u", "b"), ("v", "a"), ("v", "b")];
+            let arg = format!("case {n}");
+            let tickets: Vec<Ticket> = calls
+                .iter()
+                .map(|(u, t)| ticket(&c, u, t, &arg, 60))
+                .collect();
+            c.invalidate(upstream, tenant, "admin");
+            for ((t, call), stores) in tickets.into_iter().zip(calls).zip(stores) {
+                let k = t.key;
+                c.put(t, &text("x"), Duration::ZERO);
+                assert_eq!(
+                    c.get(&k, Duration::ZERO).is_ok(),
+                    stores,
+                    "{call:?} after invalidating {upstream:?}/{tenant:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_tools_annotated_read_only_or_not_annotated_are_cached() {
         let mut tool = Tool::new("t", "d", std::sync::Arc::new(JsonObject::new()));
         assert_eq!(refusal(None), None);
         assert_eq!(refusal(Some(&tool)), None, "no annotations: cacheable");
@@ -554,7 +652,15 @@ mod tests {
         assert_eq!(refusal(Some(&tool)), None);
         tool.annotations = Some(ToolAnnotations::new().read_only(false));
         assert_eq!(refusal(Some(&tool)), Some("readOnlyHint: false"));
+        // Annotated, but silent on readOnlyHint: MCP's default is false.
+        tool.annotations = Some(ToolAnnotations::new().open_world(false));
+        assert_eq!(
+            refusal(Some(&tool)),
+            Some("without readOnlyHint: true (MCP's default is false)")
+        );
         tool.annotations = Some(ToolAnnotations::new().destructive(true));
+        assert!(refusal(Some(&tool)).is_some());
+        tool.annotations = Some(ToolAnnotations::new().read_only(true).destructive(true));
         assert_eq!(refusal(Some(&tool)), Some("destructiveHint: true"));
     }
 }

@@ -281,7 +281,7 @@ impl Upstream {
 /// HTTP clients for upstream connections, built on first use. The plain-HTTP
 /// client skips TLS root loading, which costs about 100 ms at start-up (OpenSSL
 /// reads the system CA bundle); the TLS client is built only when an
-/// `https://` upstream is first connected.
+/// `https://` upstream is first connected. Neither follows redirects.
 #[derive(Default)]
 pub struct HttpClients {
     plain: OnceLock<reqwest::Client>,
@@ -296,9 +296,14 @@ impl HttpClients {
         if let Some(c) = cell.get() {
             return Ok(c.clone());
         }
+        // No redirects: reqwest drops only `Authorization` and `Cookie` on a
+        // redirect to another host, so configured secret headers (`X-Api-Key`)
+        // would follow one anywhere, and an MCP endpoint has no reason to
+        // move. The transports report a 3xx with its `Location` instead.
         let builder = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none());
         let builder = if tls {
             builder
         } else {

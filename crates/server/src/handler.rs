@@ -232,6 +232,13 @@ fn request_view(gw: &Gateway, ctx: &RequestContext<RoleServer>) -> Option<Arc<cr
     gw.views.of_path(parts.uri.path())
 }
 
+/// Whether `name` is one of the gateway's own tools.
+fn is_builtin_tool(name: &str) -> bool {
+    name == STATUS_TOOL
+        || name == crate::tools_search::SEARCH_TOOL
+        || crate::mesh::tools::NAMES.contains(&name)
+}
+
 /// The name of the upstream that serves exposed tool `name`.
 fn tool_upstream(gw: &Gateway, snap: &crate::gateway::Snapshot, name: &str) -> Option<String> {
     let route = snap.tool_routes.resolve(name)?;
@@ -439,8 +446,8 @@ impl GatewayHandler {
     fn upstream(&self, index: usize) -> Result<Arc<Upstream>, McpError> {
         self.gw.upstreams.get(index).ok_or_else(|| {
             err(
-                ErrorCode::INTERNAL_ERROR,
-                format!("internal: no upstream #{index}"),
+                ErrorCode::INVALID_PARAMS,
+                "the upstream of this item was removed or replaced a moment ago; call tools/list (or prompts/list, resources/list) again and retry".into(),
             )
         })
     }
@@ -526,6 +533,15 @@ impl GatewayHandler {
             self.gw.report_failure(up, &e.to_string());
             e.to_string()
         })?;
+        if up.retired.is_cancelled() {
+            // Removed or replaced while connecting: the old definition
+            // (URL, secrets, process) must not serve.
+            conn.cancellation_token().cancel();
+            return Err(format!(
+                "upstream `{}` was removed or replaced; call tools/list again",
+                up.config.name
+            ));
+        }
         let level = self.state.log_level.lock().ok().and_then(|l| *l);
         if let Some(level) = level
             && conn
@@ -1068,7 +1084,13 @@ impl GatewayHandler {
             if exposed == crate::tools_search::SEARCH_TOOL {
                 self.check_tool_rules(p, &exposed)?;
                 let usable = |i: usize, name: &str| self.tool_usable(i, name, p);
-                let r = crate::tools_search::call(&self.gw, request.arguments.as_ref(), usable);
+                let view = request_view(&self.gw, ctx);
+                let r = crate::tools_search::call(
+                    &self.gw,
+                    request.arguments.as_ref(),
+                    usable,
+                    view.as_deref(),
+                );
                 record("tools/call", Some(&exposed), started, "ok");
                 return Ok(CallToolResponse::Complete(r));
             }
@@ -2208,14 +2230,32 @@ impl ServerHandler for GatewayHandler {
                 .map(|(t, _)| t.clone()),
         );
         let search = crate::tools_search::SEARCH_TOOL;
-        if crate::tools_search::offered(tools.len(), self.gw.config.tools.search_threshold)
+        let view = request_view(&self.gw, &ctx);
+        // A view offers the search by the tools it admits, counted before
+        // its `max_tools` cap: the search is how a client gets past the cap.
+        let usable = match &view {
+            Some(v) => tools
+                .iter()
+                .filter(|t| {
+                    let upstream = tool_upstream(&self.gw, &snap, &t.name);
+                    v.admits(&t.name, upstream.as_deref())
+                })
+                .count(),
+            None => tools.len(),
+        };
+        let offer = crate::tools_search::offered(usable, self.gw.config.tools.search_threshold)
             && snap.tool_routes.resolve(search).is_none()
-            && self.auth.policy.check(&p, search).is_ok()
-        {
-            tools.insert(0, crate::tools_search::definition());
-        }
-        if let Some(view) = request_view(&self.gw, &ctx) {
+            && self.auth.policy.check(&p, search).is_ok();
+        if let Some(view) = &view {
             tools = view.present(tools, |name| tool_upstream(&self.gw, &snap, name));
+            if offer {
+                // Shown beside the capped list, through the view's filter,
+                // rename and description (as its calls are).
+                let shown = view.present(vec![crate::tools_search::definition()], |_| None);
+                tools.splice(0..0, shown);
+            }
+        } else if offer {
+            tools.insert(0, crate::tools_search::definition());
         }
         let r = Ok(ListToolsResult::with_all_items(tools));
         record("tools/list", None, started, "ok");
@@ -2230,9 +2270,18 @@ impl ServerHandler for GatewayHandler {
         let started = Instant::now();
         if let Some(view) = request_view(&self.gw, &ctx) {
             let snap = self.gw.snapshot();
-            let exposed = view
-                .exposed_name(&request.name)
-                .filter(|e| view.admits(e, tool_upstream(&self.gw, &snap, e).as_deref()));
+            let exposed = view.exposed_name(&request.name).filter(|e| {
+                match tool_upstream(&self.gw, &snap, e) {
+                    Some(up) => view.admits(e, Some(&up)),
+                    // Not in the catalog: a built-in, or a tool of an
+                    // upstream still connecting, which a view limited to
+                    // some upstreams cannot vouch for.
+                    None => {
+                        (view.config.upstreams.is_empty() || is_builtin_tool(e))
+                            && view.admits(e, None)
+                    }
+                }
+            });
             match exposed {
                 Some(e) => request.name = e.into(),
                 None => {
@@ -2275,7 +2324,9 @@ impl ServerHandler for GatewayHandler {
             }
             Ok(_) => ("ok", None),
             Err(e) if e.code == FORBIDDEN => ("denied", Some(e.message.to_string())),
-            Err(e) => ("error", Some(e.message.to_string())),
+            // An arguments refusal quotes argument values for the client;
+            // the audit log, which keeps only their hash, gets a summary.
+            Err(e) => ("error", Some(crate::validate::audit_message(e))),
         };
         self.audit_call(
             &p,

@@ -360,8 +360,17 @@ impl Limiters {
 /// health, metrics and admin endpoints are not limited, so an operator can
 /// always get in to lift a limit).
 fn limited_path(path: &str) -> bool {
-    (path == "/mcp" || path == "/sse" || path == "/messages" || path.starts_with("/api/"))
+    (path == "/mcp"
+        || path == "/sse"
+        || path == "/messages"
+        || path.starts_with("/api/")
+        || is_view_path(path))
         && !path.starts_with("/api/v1/auth/refresh")
+}
+
+/// A virtual server's MCP endpoint (`/servers/{name}/mcp`).
+fn is_view_path(path: &str) -> bool {
+    path.starts_with("/servers/") && path.ends_with("/mcp")
 }
 
 /// The per-key and per-tenant layer; runs after authentication.
@@ -392,8 +401,8 @@ pub async fn rate_limit(
 /// message endpoints, a REST error elsewhere.
 async fn refuse(req: Request, hit: &Hit, limit: usize) -> Response {
     let path = req.uri().path().to_owned();
-    let jsonrpc =
-        (path == "/mcp" || path == "/messages") && req.method() == axum::http::Method::POST;
+    let jsonrpc = (path == "/mcp" || path == "/messages" || is_view_path(&path))
+        && req.method() == axum::http::Method::POST;
     let mut resp = if jsonrpc {
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await

@@ -3,10 +3,12 @@
 //! source `api`), and the configuration file's upstreams applied again on a
 //! reload (source `config`).
 //!
-//! Every change runs under one lock, writes the store first (so a failed
-//! write changes nothing), then swaps the upstream in the set, closes the
-//! old upstream's connections (its stdio processes end), rebuilds the
-//! catalog and tells every session its lists changed. Sessions keep their
+//! Every change runs under one lock. An API change writes the store first
+//! (so a failed write changes nothing); a reload applies the file (the
+//! file, not the store, is the source of configured upstreams) and then
+//! records it. The change swaps the upstream in the set, closes the old
+//! upstream's connections (its stdio processes end), rebuilds the catalog
+//! and tells every session its lists changed. Sessions keep their
 //! connections to every other upstream: a change touches only the upstream
 //! it names.
 
@@ -191,12 +193,7 @@ impl Gateway {
             .await
             .map_err(|e| ManageError::Store(e.to_string()))?;
         if cfg.name != name {
-            let mut keep = self.managed_names_except(name);
-            keep.push(cfg.name.clone());
-            self.store
-                .prune_upstreams(UpstreamSource::Api.label(), &keep)
-                .await
-                .map_err(|e| ManageError::Store(e.to_string()))?;
+            self.forget_managed(name).await?;
         }
         let up = self.swap(&old, cfg, UpstreamSource::Api).await;
         tracing::info!(upstream = %up.config.name, "managed upstream updated");
@@ -214,15 +211,33 @@ impl Gateway {
         if old.source == UpstreamSource::Config {
             return Err(ManageError::FromConfig(name.into()));
         }
-        let keep = self.managed_names_except(name);
-        self.store
-            .prune_upstreams(UpstreamSource::Api.label(), &keep)
-            .await
-            .map_err(|e| ManageError::Store(e.to_string()))?;
+        self.forget_managed(name).await?;
         self.retire(&old).await;
         tracing::info!(upstream = %name, "managed upstream deleted");
         self.upstreams_changed();
         Ok(())
+    }
+
+    /// Deletes the stored row of a managed upstream this process did not
+    /// load (its definition was invalid at start-up, or `meshgate import`
+    /// wrote it while the gateway ran); true when there was one.
+    pub async fn delete_unloaded_upstream(&self, name: &str) -> Result<bool, ManageError> {
+        let _change = self.changing.lock().await;
+        if self.upstreams.named(name).is_some() {
+            return Ok(false);
+        }
+        let stored = self
+            .store
+            .list_upstreams()
+            .await
+            .map_err(|e| ManageError::Store(e.to_string()))?
+            .iter()
+            .any(|r| r.name == name && r.source == UpstreamSource::Api.label());
+        if stored {
+            self.forget_managed(name).await?;
+            tracing::info!(upstream = %name, "deleted a stored managed upstream that was not loaded");
+        }
+        Ok(stored)
     }
 
     /// Applies the configuration file's upstreams after a reload: adds the
@@ -311,13 +326,25 @@ impl Gateway {
         Ok(report)
     }
 
-    /// The names of the managed upstreams other than `name`.
-    fn managed_names_except(&self, name: &str) -> Vec<String> {
-        self.upstreams
-            .iter()
-            .filter(|u| u.source == UpstreamSource::Api && u.config.name != name)
-            .map(|u| u.config.name.clone())
-            .collect()
+    /// Deletes the stored row of managed upstream `name` and no other
+    /// (rows this process never loaded, e.g. written by `meshgate import`
+    /// while it runs, stay).
+    async fn forget_managed(&self, name: &str) -> Result<(), ManageError> {
+        let store_err = |e: meshgate_store::StoreError| ManageError::Store(e.to_string());
+        let keep: Vec<String> = self
+            .store
+            .list_upstreams()
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .filter(|r| r.source == UpstreamSource::Api.label() && r.name != name)
+            .map(|r| r.name)
+            .collect();
+        self.store
+            .prune_upstreams(UpstreamSource::Api.label(), &keep)
+            .await
+            .map_err(store_err)?;
+        Ok(())
     }
 
     /// Replaces `old` by a new upstream built from `cfg` (a new id, new

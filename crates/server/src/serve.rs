@@ -45,7 +45,19 @@ pub async fn open_sqlite(config: &Config) -> anyhow::Result<SqliteStore> {
         )
     })?;
     let store = SqliteStore::open(&config.data_dir).await?;
+    let managed: Vec<String> = store
+        .list_upstreams()
+        .await?
+        .into_iter()
+        .filter(|r| r.source == crate::gateway::UpstreamSource::Api.label())
+        .map(|r| r.name)
+        .collect();
     for up in &config.upstreams {
+        if managed.contains(&up.name) {
+            // The managed row (and its secrets) stays; `managed_upstreams`
+            // says which one is used.
+            continue;
+        }
         store
             .upsert_upstream(&crate::managed::record(
                 up,

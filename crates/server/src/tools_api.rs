@@ -212,12 +212,20 @@ struct ExecuteBody {
 
 /// The HTTP status of a JSON-RPC error of a call.
 fn status_of(e: &rmcp::ErrorData) -> StatusCode {
+    // Only error statuses, and not from errors an upstream passed through
+    // unchanged (those carry no `reason` of the gateway's).
+    let ours = e
+        .data
+        .as_ref()
+        .is_some_and(|d| d.get("reason").is_some_and(Value::is_string));
     if let Some(code) = e
         .data
         .as_ref()
         .and_then(|d| d.get("http_status"))
         .and_then(Value::as_u64)
-        .and_then(|c| StatusCode::from_u16(c as u16).ok())
+        .filter(|c| ours && (400..=599).contains(c))
+        .and_then(|c| u16::try_from(c).ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
     {
         return code;
     }
@@ -323,12 +331,29 @@ mod tests {
             status_of(&e(
                 ErrorCode::INTERNAL_ERROR,
                 "x",
-                Some(json!({"http_status": 504}))
+                Some(json!({"reason": "upstream_timeout", "http_status": 504}))
             )),
             StatusCode::GATEWAY_TIMEOUT
         );
         assert_eq!(
             status_of(&e(ErrorCode::INTERNAL_ERROR, "upstream down", None)),
+            StatusCode::BAD_GATEWAY
+        );
+        // An upstream's own error cannot pick the status.
+        assert_eq!(
+            status_of(&e(
+                ErrorCode::INTERNAL_ERROR,
+                "x",
+                Some(json!({"http_status": 204}))
+            )),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            status_of(&e(
+                ErrorCode::INTERNAL_ERROR,
+                "x",
+                Some(json!({"reason": "r", "http_status": 70000}))
+            )),
             StatusCode::BAD_GATEWAY
         );
     }

@@ -10,13 +10,21 @@
 //! substring, then every query word somewhere in the name or description;
 //! ties by name. Names are matched both as exposed (`fx__echo`) and as the
 //! upstream knows them (`echo`).
+//!
+//! On a virtual server (`/servers/{name}/mcp`) the search sees the tools as
+//! the view does: only those it admits, under its names and descriptions (a
+//! renamed tool is found by its new name and by the upstream's, never by
+//! the exposed name the view hides), so every tool found is callable there.
+//! The view's `max_tools` cap does not apply: getting past it is the point.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use rmcp::model::{CallToolResult, ContentBlock, JsonObject, Tool, ToolAnnotations};
 use serde_json::{Value, json};
 
 use crate::gateway::Gateway;
+use crate::views::View;
 
 /// Name of the built-in search tool.
 pub const SEARCH_TOOL: &str = "tools_search";
@@ -150,13 +158,14 @@ fn rank(q: &Query, names: &[&str], description: &str) -> Option<u8> {
 
 /// One tool a caller may use, as the search sees it.
 struct Candidate<'a> {
-    tool: &'a Tool,
+    /// As the caller sees it (on a virtual server: renamed, described).
+    tool: Cow<'a, Tool>,
     original: &'a str,
     upstream: Option<String>,
 }
 
 fn search<'a>(q: &Query, candidates: impl IntoIterator<Item = Candidate<'a>>) -> CallToolResult {
-    let mut found: Vec<(u8, &Tool)> = candidates
+    let mut found: Vec<(u8, Cow<'a, Tool>)> = candidates
         .into_iter()
         .filter(|c| {
             q.upstream
@@ -210,12 +219,14 @@ fn search<'a>(q: &Query, candidates: impl IntoIterator<Item = Candidate<'a>>) ->
 }
 
 /// Answers a call of the tool: searches the catalog's tools that `usable`
-/// (upstream index, exposed name) lets the caller use. Bad arguments are a
-/// tool error (`isError: true`) that says what to send.
+/// (upstream index, exposed name) lets the caller use and, on a virtual
+/// server, `view` admits, as `view` shows them. Bad arguments are a tool
+/// error (`isError: true`) that says what to send.
 pub fn call(
     gw: &Gateway,
     arguments: Option<&JsonObject>,
     usable: impl Fn(usize, &str) -> bool,
+    view: Option<&View>,
 ) -> CallToolResult {
     let q = match parse(arguments) {
         Ok(q) => q,
@@ -227,15 +238,30 @@ pub fn call(
         .iter()
         .zip(&snap.owners.tools)
         .filter(|(t, i)| usable(**i, &t.name))
-        .map(|(t, i)| Candidate {
-            tool: t,
-            original: snap
-                .tool_routes
-                .resolve(&t.name)
-                .map_or(t.name.as_ref(), |r| r.original.as_str()),
-            upstream: gw.upstreams.get(*i).map(|u| u.config.name.clone()),
+        .filter_map(|(t, i)| {
+            let upstream = gw.upstreams.get(*i).map(|u| u.config.name.clone());
+            let tool = match view {
+                None => Cow::Borrowed(t),
+                Some(v) => Cow::Owned(as_view_shows(v, t, upstream.as_deref())?),
+            };
+            Some(Candidate {
+                tool,
+                original: snap
+                    .tool_routes
+                    .resolve(&t.name)
+                    .map_or(t.name.as_ref(), |r| r.original.as_str()),
+                upstream,
+            })
         });
     search(&q, candidates)
+}
+
+/// Exposed tool `t` of `upstream` as `view` shows it (its name and
+/// description), or `None` when the view does not show it. One tool at a
+/// time, so the view's `max_tools` cap (at least 1) never cuts it.
+fn as_view_shows(view: &View, t: &Tool, upstream: Option<&str>) -> Option<Tool> {
+    view.present(vec![t.clone()], |_| upstream.map(str::to_owned))
+        .pop()
 }
 
 #[cfg(test)]
@@ -279,7 +305,7 @@ mod tests {
         let originals = ["describe_echo", "echoes", "echo", "send", "add"];
         let cands = || {
             tools.iter().zip(originals).map(|(t, o)| Candidate {
-                tool: t,
+                tool: Cow::Borrowed(t),
                 original: o,
                 upstream: Some("fx".into()),
             })
@@ -309,12 +335,12 @@ mod tests {
         let b = tool("b__echo", "Echo");
         let cands = [
             Candidate {
-                tool: &a,
+                tool: Cow::Borrowed(&a),
                 original: "echo",
                 upstream: Some("a".into()),
             },
             Candidate {
-                tool: &b,
+                tool: Cow::Borrowed(&b),
                 original: "echo",
                 upstream: Some("b".into()),
             },
@@ -329,7 +355,7 @@ mod tests {
         let r = search(
             &q(json!({"query": "weather"})),
             [Candidate {
-                tool: &t,
+                tool: Cow::Borrowed(&t),
                 original: "x",
                 upstream: None,
             }],
@@ -360,6 +386,46 @@ mod tests {
         assert!(bad(json!({"query": "a", "upstream": 1})).contains("upstream"));
         assert!(bad(json!({"query": "a", "q": 1})).contains("unknown argument `q`"));
         assert_eq!(q(json!({"query": "a"})).limit, DEFAULT_LIMIT);
+    }
+
+    #[test]
+    fn a_view_shows_only_its_tools_under_its_names() {
+        let c: meshgate_core::Config = meshgate_core::Config::from_toml(
+            "[[virtual_servers]]\nname = \"dev\"\nupstreams = [\"fx\"]\nexclude = [\"fx__fail\"]\nrename = { \"fx__echo\" = \"say\" }\ndescriptions = { \"fx__echo\" = \"Say it back\" }\nmax_tools = 1\n",
+            "t.toml",
+        )
+        .expect("parses");
+        let view = View::new(c.virtual_servers[0].clone());
+        let tools = [
+            (tool("fx__echo", "Echo"), "echo", "fx"),
+            (tool("fx__add", "Add two numbers"), "add", "fx"),
+            (tool("fx__fail", "Echo a failure"), "fail", "fx"),
+            (tool("st__echo", "Echo"), "echo", "st"),
+        ];
+        let cands = || {
+            tools.iter().filter_map(|(t, o, u)| {
+                Some(Candidate {
+                    tool: Cow::Owned(as_view_shows(&view, t, Some(u))?),
+                    original: o,
+                    upstream: Some((*u).into()),
+                })
+            })
+        };
+        let r = search(&q(json!({"query": "echo"})), cands());
+        assert_eq!(names(&r), ["say"], "only the view's tools, by its names");
+        let s = r.structured_content.as_ref().expect("s");
+        assert_eq!(s["tools"][0]["description"], "Say it back");
+        assert_eq!(
+            names(&search(&q(json!({"query": "say"})), cands())),
+            ["say"]
+        );
+        assert!(
+            names(&search(&q(json!({"query": "fx__echo"})), cands())).is_empty(),
+            "the name the view hides finds nothing"
+        );
+        // The view's cap limits its list, not the search.
+        let r = search(&q(json!({"query": "a"})), cands());
+        assert_eq!(names(&r), ["fx__add", "say"]);
     }
 
     #[test]

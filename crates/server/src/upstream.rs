@@ -697,7 +697,7 @@ pub async fn connect_with(
     let limit = Duration::from_secs(cfg.connect_timeout_secs);
     // One deadline for the whole attempt, also handed to the transport, so an
     // SSE upstream that never sends its `endpoint` event is reported as such.
-    let deadline = tokio::time::Instant::now() + limit;
+    let deadline = deadline_after(limit);
     let fut = async {
         let probe = ClientLifecycleMode::Auto {
             preferred_versions: vec![ProtocolVersion::V_2026_07_28],
@@ -721,11 +721,66 @@ pub async fn connect_with(
     let conn = match tokio::time::timeout_at(deadline, fut).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(Failure::Connect(e))) => return Err(e),
-        Ok(Err(Failure::Handshake(e))) => return Err(ConnectError::Handshake(e.to_string())),
+        Ok(Err(Failure::Handshake(e))) => {
+            return Err(ConnectError::Handshake(handshake_detail(&cfg.name, &e)));
+        }
         Err(_) => return Err(ConnectError::Timeout(limit)),
     };
     era.learn(&conn);
     Ok(conn)
+}
+
+/// A failed handshake as the upstream's status says it (tenants read it).
+/// rmcp's Streamable HTTP client quotes the body of an answer that is not
+/// MCP ("unexpected server response: HTTP 404 Not Found: <body>"); quoting
+/// it would let a tenant read any internal URL through the gateway, so the
+/// body goes to the log and the status stays. A redirect (the upstream
+/// clients follow none) is named as such.
+fn handshake_detail(upstream: &str, e: &ClientInitializeError) -> String {
+    let text = e.to_string();
+    let Some(quoted) = unexpected_response(e) else {
+        return text;
+    };
+    tracing::warn!(upstream, answer = %quoted, "the upstream answered the handshake with something that is not MCP");
+    let status = quoted
+        .strip_prefix("HTTP ")
+        .and_then(|rest| rest.split_once(": "))
+        .map(|(status, _)| status);
+    let (kept, note) = match status {
+        Some(status) if status.starts_with('3') => (
+            format!("HTTP {status}"),
+            "; the upstream answered a redirect, which meshgate does not follow (it would carry the upstream's headers along): configure the URL it points to directly (its answer is in the gateway's log)",
+        ),
+        Some(status) => (
+            format!("HTTP {status}"),
+            " (the answer's body is in the gateway's log)",
+        ),
+        None => (
+            "an answer that is not MCP".to_owned(),
+            " (it is in the gateway's log)",
+        ),
+    };
+    format!("{}{note}", text.replace(quoted, &kept))
+}
+
+/// The text of rmcp's "unexpected server response" error (it quotes the
+/// upstream's answer), if that is what `e` is or wraps.
+fn unexpected_response(e: &ClientInitializeError) -> Option<&str> {
+    use rmcp::transport::streamable_http_client::StreamableHttpError;
+    // rmcp does not declare the transport error as the source: start there.
+    let ClientInitializeError::TransportError { error, .. } = e else {
+        return None;
+    };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.error.as_ref());
+    while let Some(err) = source {
+        if let Some(StreamableHttpError::<reqwest::Error>::UnexpectedServerResponse(quoted)) =
+            err.downcast_ref()
+        {
+            return Some(quoted);
+        }
+        source = err.source();
+    }
+    None
 }
 
 /// The gateway's environment variable `name`, for `${env:NAME}`.
@@ -852,12 +907,16 @@ async fn handshake(
             // Cancelled when the gateway closes or drops the connection
             // (not when the child ends it): then the supervisor stops the child.
             let stop = tokio_util::sync::CancellationToken::new();
+            // Until the handshake succeeds the child is this future's: a failed
+            // handshake, and one abandoned by a timeout (which drops this
+            // future mid-way), stop it, or each restart would leave one behind.
+            let abandoned = stop.clone().drop_guard();
             supervise(child, name.clone(), pid, stop.clone());
             let served =
                 serve_client_with_lifecycle_and_ct(relay, (stdout, stdin), lifecycle, stop.clone())
                     .await;
-            if served.is_err() {
-                stop.cancel();
+            if served.is_ok() {
+                abandoned.disarm();
             }
             served.map_err(|e| Failure::Handshake(Box::new(e)))
         }
@@ -894,6 +953,7 @@ async fn handshake(
                 .for_url(&url)
                 .map_err(|e| Failure::Connect(ConnectError::Handshake(e)))?;
             let transport = crate::upstream_sse::SseTransport::connect(
+                &name,
                 client,
                 &url,
                 &cfg.headers,
@@ -907,6 +967,14 @@ async fn handshake(
                 .map_err(|e| Failure::Handshake(Box::new(e)))
         }
     }
+}
+
+/// `limit` from now; a limit too large for the clock (a configured timeout
+/// of `u64::MAX` seconds) means a year, which is as good as no limit.
+pub(crate) fn deadline_after(limit: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(limit)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// How long a stdio child may take to exit after its stdin closed before
@@ -950,7 +1018,7 @@ pub fn live_children() -> usize {
 /// Waits until every stdio child process has ended, at most `limit`;
 /// returns how many were left.
 pub async fn wait_for_children(limit: Duration) -> usize {
-    let deadline = tokio::time::Instant::now() + limit;
+    let deadline = deadline_after(limit);
     loop {
         let gone = CHILDREN.gone.notified();
         let n = live_children();
@@ -1115,5 +1183,74 @@ mod tests {
         assert_eq!(cfg.headers["X-Tenant"], "acme");
         let without = connection_config(&up, None, &env, &file).expect("resolves");
         assert_eq!(without.headers["authorization"], "Bearer s3cret");
+    }
+
+    #[test]
+    fn a_timeout_too_large_for_the_clock_is_a_far_deadline_not_a_panic() {
+        let now = tokio::time::Instant::now();
+        let far = deadline_after(Duration::from_secs(u64::MAX));
+        assert!(far > now + Duration::from_secs(300 * 24 * 3600));
+        let near = deadline_after(Duration::from_secs(5));
+        assert!(near > now && near <= tokio::time::Instant::now() + Duration::from_secs(5));
+    }
+
+    /// A loopback HTTP server answering every request with `answer`; its URL.
+    async fn answering(answer: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local address");
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut buf = [0u8; 8192];
+                let _ = socket.read(&mut buf).await;
+                let _ = socket.write_all(answer.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}/mcp")
+    }
+
+    /// The handshake error of a Streamable HTTP upstream at `url`, over the
+    /// gateway's own client, as its status would say it.
+    async fn streamable_handshake_error(url: &str) -> String {
+        let client = crate::gateway::HttpClients::default()
+            .for_url(url)
+            .expect("the upstream client builds");
+        let transport = StreamableHttpClientTransport::with_client(
+            client,
+            StreamableHttpClientTransportConfig::with_uri(url.to_owned()),
+        );
+        let e = serve_client_with_lifecycle((), transport, ClientLifecycleMode::Initialize)
+            .await
+            .expect_err("the handshake fails");
+        handshake_detail("api", &e)
+    }
+
+    #[tokio::test]
+    async fn a_streamable_http_redirect_is_named_and_its_body_kept_out_of_the_status() {
+        let url = answering(
+            "HTTP/1.1 308 Permanent Redirect\r\nlocation: http://10.0.0.9/mcp\r\ncontent-type: text/plain\r\ncontent-length: 14\r\n\r\ninternal-token",
+        )
+        .await;
+        let detail = streamable_handshake_error(&url).await;
+        assert!(
+            detail.contains("HTTP 308")
+                && detail.contains("redirect")
+                && detail.contains("configure the URL it points to directly"),
+            "{detail}"
+        );
+        assert!(!detail.contains("internal-token"), "{detail}");
+    }
+
+    #[tokio::test]
+    async fn a_streamable_http_refusal_keeps_its_status_but_not_its_body() {
+        let url = answering(
+            "HTTP/1.1 404 Not Found\r\ncontent-type: text/plain\r\ncontent-length: 14\r\n\r\ninternal-token",
+        )
+        .await;
+        let detail = streamable_handshake_error(&url).await;
+        assert!(detail.contains("HTTP 404 Not Found"), "{detail}");
+        assert!(!detail.contains("internal-token"), "{detail}");
     }
 }

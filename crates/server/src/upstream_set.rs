@@ -1,25 +1,33 @@
 //! The set of upstreams of a running gateway, which changes at run time
 //! (managed upstreams, configuration reloads).
 //!
-//! Each upstream gets an id when it joins: its slot in a list that only
+//! Each upstream gets an id when it joins, from a counter that only
 //! grows, so an id is never reused and a catalog route, a per-session
 //! connection or a resource watch that names a removed upstream finds
 //! nothing instead of its successor. Readers take a cheap snapshot (one
-//! `Arc` clone under a read lock); writers copy the list, so readers never
-//! wait for a change.
+//! `Arc` clone under a read lock); writers copy the map of current
+//! upstreams (removed ones leave it), so readers never wait for a change
+//! and churn does not make the set grow.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use crate::gateway::Upstream;
 
+#[derive(Default, Clone)]
+struct Slots {
+    by_id: BTreeMap<usize, Arc<Upstream>>,
+    next_id: usize,
+}
+
 /// The upstreams, by id.
 #[derive(Default)]
 pub struct UpstreamSet {
-    slots: RwLock<Arc<Vec<Option<Arc<Upstream>>>>>,
+    slots: RwLock<Arc<Slots>>,
 }
 
 impl UpstreamSet {
-    fn slots(&self) -> Arc<Vec<Option<Arc<Upstream>>>> {
+    fn slots(&self) -> Arc<Slots> {
         self.slots.read().map(|s| s.clone()).unwrap_or_default()
     }
 
@@ -28,14 +36,14 @@ impl UpstreamSet {
         self.slots
             .read()
             .ok()
-            .and_then(|s| s.get(id).cloned().flatten())
+            .and_then(|s| s.by_id.get(&id).cloned())
     }
 
     /// The upstream named `name`.
     pub fn named(&self, name: &str) -> Option<Arc<Upstream>> {
         self.slots()
-            .iter()
-            .flatten()
+            .by_id
+            .values()
             .find(|u| u.config.name == name)
             .cloned()
     }
@@ -43,8 +51,8 @@ impl UpstreamSet {
     /// Every current upstream, in the order they joined.
     pub fn iter(&self) -> std::vec::IntoIter<Arc<Upstream>> {
         self.slots()
-            .iter()
-            .flatten()
+            .by_id
+            .values()
             .cloned()
             .collect::<Vec<_>>()
             .into_iter()
@@ -52,7 +60,7 @@ impl UpstreamSet {
 
     /// How many upstreams there are.
     pub fn len(&self) -> usize {
-        self.slots().iter().flatten().count()
+        self.slots().by_id.len()
     }
 
     /// Whether there is none.
@@ -66,9 +74,11 @@ impl UpstreamSet {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mut next: Vec<Option<Arc<Upstream>>> = (**slots).clone();
-        let up = Arc::new(build(next.len()));
-        next.push(Some(up.clone()));
+        let mut next = (**slots).clone();
+        let id = next.next_id;
+        next.next_id += 1;
+        let up = Arc::new(build(id));
+        next.by_id.insert(id, up.clone());
         *slots = Arc::new(next);
         up
     }
@@ -79,8 +89,8 @@ impl UpstreamSet {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mut next: Vec<Option<Arc<Upstream>>> = (**slots).clone();
-        let gone = next.get_mut(id).and_then(Option::take);
+        let mut next = (**slots).clone();
+        let gone = next.by_id.remove(&id);
         *slots = Arc::new(next);
         gone
     }

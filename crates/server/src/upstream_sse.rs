@@ -10,6 +10,14 @@
 //! stream ends the queue closes, rmcp sees the connection as closed and the
 //! gateway's reconnect loop takes over. Each outgoing message is one `POST`
 //! (at most [`MAX_POSTS`] at a time), which must be answered with a 2xx.
+//!
+//! What the upstream sends is untrusted, and so is its URL (tenants add
+//! upstreams): an event larger than
+//! [`MAX_EVENT_BYTES`](meshgate_protocol::sse::MAX_EVENT_BYTES) closes the
+//! connection, redirects are reported rather than followed (they would carry
+//! the configured headers elsewhere), and the bodies of refusals go to the
+//! gateway's log only, never into the error a tenant reads as the upstream's
+//! status (else the gateway would read internal URLs for them).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,7 +26,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use meshgate_protocol::sse::SseParser;
 use reqwest::Url;
-use reqwest::header::{ACCEPT, CACHE_CONTROL, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{
+    ACCEPT, CACHE_CONTROL, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION,
+};
 use rmcp::RoleClient;
 use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
 use rmcp::transport::Transport;
@@ -31,7 +41,8 @@ const QUEUE: usize = 256;
 /// `POST`s of one connection in flight at once; more wait for a slot.
 pub const MAX_POSTS: usize = 64;
 
-/// How much of an error answer's body goes into the error message.
+/// How much of an error answer's body goes into the log, and of an
+/// upstream-sent string (an endpoint, a redirect target) into an error.
 const EXCERPT: usize = 200;
 
 /// Why an HTTP+SSE upstream connection failed.
@@ -59,8 +70,9 @@ pub enum SseError {
         reason: String,
     },
     /// The `GET` was answered with something other than an event stream.
+    /// The answer's body is logged, not quoted: tenants read this error.
     #[error(
-        "GET {url} answered {status} ({content_type}): {body}; an sse upstream's url must be its 2024-11-05 event stream (for a Streamable HTTP server use transport = \"streamable_http\")"
+        "GET {url} answered {status} ({content_type}); an sse upstream's url must be its 2024-11-05 event stream (for a Streamable HTTP server use transport = \"streamable_http\"; the answer's body is in the gateway's log)"
     )]
     NotAStream {
         /// The stream's URL.
@@ -69,8 +81,21 @@ pub enum SseError {
         status: reqwest::StatusCode,
         /// The answer's content type.
         content_type: String,
-        /// The start of the answer's body.
-        body: String,
+    },
+    /// A request was answered with a redirect, which meshgate does not
+    /// follow: it would carry the configured headers to another server.
+    #[error(
+        "{method} {url} answered {status}: the upstream answered a redirect to {location}; meshgate does not follow redirects (they would carry the upstream's headers along), so configure that URL directly"
+    )]
+    Redirect {
+        /// `GET` or `POST`.
+        method: &'static str,
+        /// The requested URL.
+        url: String,
+        /// The HTTP status.
+        status: reqwest::StatusCode,
+        /// Where it pointed (resolved against `url`), or why that is unknown.
+        location: String,
     },
     /// No `endpoint` event within the connect timeout.
     #[error(
@@ -111,17 +136,16 @@ pub enum SseError {
         /// What failed.
         reason: String,
     },
-    /// A `POST` was answered with a status other than 2xx.
+    /// A `POST` was answered with a status other than 2xx. The answer's
+    /// body is logged, not quoted: tenants read this error.
     #[error(
-        "POST {endpoint} answered {status}: {body}; the upstream refused the message (an expired session is re-opened when its event stream ends)"
+        "POST {endpoint} answered {status}; the upstream refused the message (its answer is in the gateway's log; an expired session is re-opened when its event stream ends)"
     )]
     PostStatus {
         /// The message endpoint.
         endpoint: String,
         /// The HTTP status.
         status: reqwest::StatusCode,
-        /// The start of the answer's body.
-        body: String,
     },
 }
 
@@ -135,6 +159,8 @@ pub struct SseTransport {
 
 /// What every `POST` of one connection needs.
 struct Poster {
+    /// The upstream's name, for the log.
+    upstream: String,
     client: reqwest::Client,
     endpoint: Url,
     headers: HeaderMap,
@@ -143,10 +169,12 @@ struct Poster {
 }
 
 impl SseTransport {
-    /// Opens the event stream at `url` with `headers` (sent on the `GET` and
-    /// every `POST`) and waits until `deadline` for its `endpoint` event.
-    /// Each `POST` may take up to `post_timeout`.
+    /// Opens the event stream of upstream `upstream` (its name, for the
+    /// log) at `url` with `headers` (sent on the `GET` and every `POST`) and
+    /// waits until `deadline` for its `endpoint` event. Each `POST` may take
+    /// up to `post_timeout`. `client` must not follow redirects.
     pub async fn connect(
+        upstream: &str,
         client: reqwest::Client,
         url: &str,
         headers: &BTreeMap<String, String>,
@@ -177,19 +205,33 @@ impl SseTransport {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("no content type")
                 .to_owned();
-            if !response.status().is_success() || !content_type.starts_with("text/event-stream") {
-                let status = response.status();
+            let status = response.status();
+            if status.is_redirection() {
+                return Err(redirect("GET", &stream_url, &response));
+            }
+            if !status.is_success() || !content_type.starts_with("text/event-stream") {
+                // Awaited before the macro: its arguments must not be held
+                // across an await (they are not `Send`).
+                let body = excerpt(response).await;
+                tracing::warn!(
+                    upstream,
+                    url,
+                    %status,
+                    content_type,
+                    body,
+                    "an sse upstream's url is not an event stream"
+                );
                 return Err(SseError::NotAStream {
                     url: url.to_owned(),
                     status,
                     content_type,
-                    body: excerpt(response).await,
                 });
             }
             let (endpoint_tx, endpoint_rx) = oneshot::channel();
             let (inbound_tx, inbound) = mpsc::channel(QUEUE);
             let reader = tokio::spawn(read_stream(
                 response,
+                upstream.to_owned(),
                 url.to_owned(),
                 endpoint_tx,
                 inbound_tx,
@@ -226,6 +268,7 @@ impl SseTransport {
         Ok(SseTransport {
             inbound,
             poster: Arc::new(Poster {
+                upstream: upstream.to_owned(),
                 client,
                 endpoint,
                 headers,
@@ -289,11 +332,42 @@ impl Poster {
         if status.is_success() {
             return Ok(());
         }
+        if status.is_redirection() {
+            return Err(redirect("POST", &self.endpoint, &response));
+        }
+        let body = excerpt(response).await;
+        tracing::warn!(
+            upstream = %self.upstream,
+            endpoint = %self.endpoint,
+            %status,
+            body,
+            "an sse upstream refused a message"
+        );
         Err(SseError::PostStatus {
             endpoint: endpoint(),
             status,
-            body: excerpt(response).await,
         })
+    }
+}
+
+/// The error for a redirect answer to `method` of `url`, naming where it
+/// pointed.
+fn redirect(method: &'static str, url: &Url, response: &reqwest::Response) -> SseError {
+    let location = match response.headers().get(LOCATION) {
+        None => "nowhere (it has no Location header)".to_owned(),
+        Some(value) => {
+            let raw = String::from_utf8_lossy(value.as_bytes());
+            match url.join(raw.trim()) {
+                Ok(target) => cut(target.as_str()),
+                Err(_) => format!("`{}` (not a valid URL)", cut(&raw)),
+            }
+        }
+    };
+    SseError::Redirect {
+        method,
+        url: url.to_string(),
+        status: response.status(),
+        location,
     }
 }
 
@@ -303,6 +377,7 @@ impl Poster {
 /// the connection closing.
 async fn read_stream(
     response: reqwest::Response,
+    upstream: String,
     url: String,
     endpoint: oneshot::Sender<Result<String, String>>,
     inbound: mpsc::Sender<ServerJsonRpcMessage>,
@@ -316,7 +391,18 @@ async fn read_stream(
             Some(Err(e)) => break format!("reading it failed: {}", error_chain(&e)),
             None => break "the upstream closed it".to_owned(),
         };
-        for event in parser.push(&chunk) {
+        let events = match parser.push(&chunk) {
+            Ok(events) => events,
+            Err(too_large) => {
+                let why = format!(
+                    "the upstream sent {too_large}; meshgate closed the connection (events are limited to {}: an upstream whose messages are larger cannot be used)",
+                    too_large.limit_text()
+                );
+                tracing::warn!(upstream = %upstream, stream = %url, "{why}");
+                break why;
+            }
+        };
+        for event in events {
             match event.event.as_deref() {
                 Some("endpoint") => match endpoint.take() {
                     Some(tx) => {
@@ -346,7 +432,7 @@ async fn read_stream(
     if let Some(tx) = endpoint {
         let _ = tx.send(Err(why));
     } else {
-        tracing::info!(stream = %url, reason = %why, "HTTP+SSE upstream stream ended; the connection is closed");
+        tracing::info!(upstream = %upstream, stream = %url, reason = %why, "HTTP+SSE upstream stream ended; the connection is closed");
     }
 }
 
@@ -357,7 +443,7 @@ async fn read_stream(
 pub fn resolve_endpoint(stream: &Url, data: &str) -> Result<Url, SseError> {
     let bad = |reason: String| SseError::BadEndpoint {
         url: stream.to_string(),
-        endpoint: data.to_owned(),
+        endpoint: cut(data),
         reason,
     };
     let raw = data.trim();
@@ -409,6 +495,11 @@ async fn excerpt(response: reqwest::Response) -> String {
     if text.is_empty() {
         return "(empty body)".into();
     }
+    cut(text)
+}
+
+/// At most [`EXCERPT`] characters of `text`, marked when cut.
+fn cut(text: &str) -> String {
     let mut cut: String = text.chars().take(EXCERPT).collect();
     if cut.len() < text.len() {
         cut.push('…');
@@ -488,7 +579,8 @@ mod tests {
 
     /// A one-shot HTTP server on loopback that answers the first request
     /// with `head` and then `body`, and keeps the connection open.
-    async fn serve_once(head: &'static str, body: &'static str) -> String {
+    async fn serve_once(head: &str, body: impl Into<Vec<u8>>) -> String {
+        let (head, body) = (head.to_owned(), body.into());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -500,10 +592,143 @@ mod tests {
             let mut buf = [0u8; 4096];
             let _ = socket.read(&mut buf).await;
             let _ = socket.write_all(head.as_bytes()).await;
-            let _ = socket.write_all(body.as_bytes()).await;
+            let _ = socket.write_all(&body).await;
             tokio::time::sleep(Duration::from_secs(30)).await;
         });
         format!("http://{addr}/sse")
+    }
+
+    /// The gateway's own client for `url` (it follows no redirects).
+    fn gateway_client(url: &str) -> reqwest::Client {
+        crate::gateway::HttpClients::default()
+            .for_url(url)
+            .expect("the upstream client builds")
+    }
+
+    /// A stream head and `prefix`, then a line that never ends, just over
+    /// the 16 MiB limit.
+    fn endless_line_after(prefix: &str) -> Vec<u8> {
+        let mut body = prefix.as_bytes().to_vec();
+        body.extend_from_slice(b"data: ");
+        body.resize(
+            body.len() + meshgate_protocol::sse::MAX_EVENT_BYTES + 64,
+            b'x',
+        );
+        body
+    }
+
+    const STREAM_HEAD: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n";
+
+    #[tokio::test]
+    async fn an_event_over_16_mib_before_the_endpoint_fails_the_connection_naming_the_limit() {
+        let url = serve_once(STREAM_HEAD, endless_line_after(": hello\n\n")).await;
+        let err = SseTransport::connect(
+            "up",
+            gateway_client(&url),
+            &url,
+            &BTreeMap::new(),
+            Instant::now() + Duration::from_secs(20),
+            Duration::from_secs(1),
+        )
+        .await
+        .err()
+        .expect("too large")
+        .to_string();
+        assert!(
+            err.contains("the upstream sent an SSE event larger than 16 MiB")
+                && err.contains("closed the connection"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_event_over_16_mib_after_the_endpoint_closes_the_transport() {
+        let url = serve_once(
+            STREAM_HEAD,
+            endless_line_after("event: endpoint\ndata: /message\n\n"),
+        )
+        .await;
+        let mut transport = SseTransport::connect(
+            "up",
+            gateway_client(&url),
+            &url,
+            &BTreeMap::new(),
+            Instant::now() + Duration::from_secs(5),
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("connects");
+        let after = tokio::time::timeout(Duration::from_secs(20), transport.receive())
+            .await
+            .expect("the oversized event ends the stream, the server does not");
+        assert!(after.is_none(), "an oversized event closes the transport");
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_and_names_its_target() {
+        // The target records whether anything reached it (with the secret).
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let target_url = format!("http://{}/elsewhere", target.local_addr().expect("address"));
+        let reached = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = reached.clone();
+        tokio::spawn(async move {
+            if target.accept().await.is_ok() {
+                seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let head = format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nlocation: {target_url}\r\ncontent-length: 0\r\n\r\n"
+        );
+        let url = serve_once(&head, "").await;
+        let headers = BTreeMap::from([("x-api-key".to_owned(), "s3cret".to_owned())]);
+        let err = SseTransport::connect(
+            "up",
+            gateway_client(&url),
+            &url,
+            &headers,
+            Instant::now() + Duration::from_secs(5),
+            Duration::from_secs(1),
+        )
+        .await
+        .err()
+        .expect("a redirect")
+        .to_string();
+        assert!(
+            err.contains("307")
+                && err.contains(&format!("redirect to {target_url}"))
+                && err.contains("configure that URL directly"),
+            "{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !reached.load(std::sync::atomic::Ordering::SeqCst),
+            "the redirect was followed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_relative_redirect_is_named_as_an_absolute_url() {
+        let url = serve_once(
+            "HTTP/1.1 302 Found\r\nlocation: /v2/sse\r\ncontent-length: 0\r\n\r\n",
+            "",
+        )
+        .await;
+        let err = SseTransport::connect(
+            "up",
+            gateway_client(&url),
+            &url,
+            &BTreeMap::new(),
+            Instant::now() + Duration::from_secs(5),
+            Duration::from_secs(1),
+        )
+        .await
+        .err()
+        .expect("a redirect")
+        .to_string();
+        let expected = url.replace("/sse", "/v2/sse");
+        assert!(err.contains(&format!("redirect to {expected};")), "{err}");
     }
 
     #[tokio::test]
@@ -515,6 +740,7 @@ mod tests {
         .await;
         let deadline = Instant::now() + Duration::from_millis(300);
         let err = SseTransport::connect(
+            "up",
             reqwest::Client::new(),
             &url,
             &BTreeMap::new(),
@@ -532,13 +758,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_url_that_is_not_an_event_stream_is_named_with_status_and_body() {
+    async fn a_url_that_is_not_an_event_stream_is_named_with_status_but_its_body_is_not_quoted() {
         let url = serve_once(
             "HTTP/1.1 404 Not Found\r\ncontent-type: text/plain\r\ncontent-length: 9\r\n\r\n",
             "no such!!",
         )
         .await;
         let err = SseTransport::connect(
+            "up",
             reqwest::Client::new(),
             &url,
             &BTreeMap::new(),
@@ -550,8 +777,12 @@ mod tests {
         .expect("not a stream")
         .to_string();
         assert!(
-            err.contains("404") && err.contains("no such!!") && err.contains("streamable_http"),
+            err.contains("404") && err.contains("text/plain") && err.contains("streamable_http"),
             "{err}"
+        );
+        assert!(
+            !err.contains("no such!!"),
+            "the body (of an internal URL, perhaps) must not reach tenants: {err}"
         );
     }
 
@@ -615,6 +846,7 @@ mod tests {
         let (url, end) = legacy_server("/message?sessionId=abc").await;
         let headers = BTreeMap::from([("x-team".to_owned(), "blue".to_owned())]);
         let mut transport = SseTransport::connect(
+            "up",
             reqwest::Client::new(),
             &url,
             &headers,
@@ -640,11 +872,10 @@ mod tests {
             .expect_err("the endpoint answers 400")
             .to_string();
         assert!(
-            err.contains("400")
-                && err.contains("session abc is gone")
-                && err.contains("/message?sessionId=abc"),
+            err.contains("400") && err.contains("/message?sessionId=abc"),
             "{err}"
         );
+        assert!(!err.contains("session abc is gone"), "body quoted: {err}");
 
         let _ = end.send(());
         let after = tokio::time::timeout(Duration::from_secs(5), transport.receive())
@@ -658,6 +889,7 @@ mod tests {
         let (url, _end) = legacy_server("http://127.0.0.9:1/message").await;
         let headers = BTreeMap::from([("x-team".to_owned(), "blue".to_owned())]);
         let err = SseTransport::connect(
+            "up",
             reqwest::Client::new(),
             &url,
             &headers,

@@ -90,7 +90,7 @@ fn parse(body: Value) -> Result<UpstreamConfig, Response> {
 /// Fills the tenant from the caller when absent, and refuses what the
 /// caller may not create: another tenant's upstream, a shared one, or a
 /// stdio one without `tenants:*`.
-fn admit(mut body: Value, reach: &Reach) -> Result<UpstreamConfig, Response> {
+fn admit(mut body: Value, reach: &Reach, private_ok: bool) -> Result<UpstreamConfig, Response> {
     if let Some(obj) = body.as_object_mut()
         && !obj.contains_key("tenant")
         && !reach.tenant.is_empty()
@@ -119,6 +119,11 @@ fn admit(mut body: Value, reach: &Reach) -> Result<UpstreamConfig, Response> {
     }
     if up.transport == UpstreamTransport::Stdio {
         return refuse("a stdio upstream (it runs a program on the gateway's host)".into());
+    }
+    if !private_ok && let Some(why) = up.url.as_deref().and_then(private_destination) {
+        return refuse(format!(
+            "an upstream at {why} (or set auth.tenant_upstreams_private_addresses = true)"
+        ));
     }
     if let Some(refused) = gateway_identity_refused(&up, reach) {
         return Err(refused);
@@ -156,6 +161,40 @@ fn gateway_identity_refused(up: &UpstreamConfig, reach: &Reach) -> Option<Respon
     ))
 }
 
+/// Why `url` may not be used by a tenant: it names this machine or a
+/// private, link-local or unspecified address (by literal or `localhost`).
+/// Names that resolve to such addresses are not caught here.
+fn private_destination(url: &str) -> Option<String> {
+    let parsed = reqwest::Url::parse(url).ok()?;
+    let raw = parsed.host_str()?;
+    let unbracketed = raw.trim_start_matches('[').trim_end_matches(']');
+    let Ok(host) = unbracketed.parse::<std::net::IpAddr>() else {
+        let d = raw.trim_end_matches('.').to_ascii_lowercase();
+        return (d == "localhost" || d.ends_with(".localhost"))
+            .then(|| format!("`{d}` is this machine"));
+    };
+    let private = match host {
+        std::net::IpAddr::V4(ip) => {
+            ip.is_loopback()
+                || ip.is_private()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64
+        }
+        std::net::IpAddr::V6(ip) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || (ip.segments()[0] & 0xfe00) == 0xfc00
+                || (ip.segments()[0] & 0xffc0) == 0xfe80
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_private() || v4.is_link_local())
+        }
+    };
+    private.then(|| format!("{host} is a loopback, private or link-local address"))
+}
+
 /// The upstream named `name`, if the caller may see it.
 fn visible(s: &AppState, name: &str, reach: &Reach) -> Option<std::sync::Arc<Upstream>> {
     s.gw.upstream_named(name).filter(|u| reach.sees(u))
@@ -189,7 +228,11 @@ async fn create(
     Json(body): Json<Value>,
 ) -> Response {
     let reach = Reach::of(&who);
-    let cfg = match admit(body, &reach) {
+    let cfg = match admit(
+        body,
+        &reach,
+        s.gw.config.auth.tenant_upstreams_private_addresses,
+    ) {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -245,7 +288,12 @@ async fn update(
     body: Value,
     reach: &Reach,
 ) -> Response {
-    let cfg = match admit(body, reach).and_then(|c| {
+    let cfg = match admit(
+        body,
+        reach,
+        s.gw.config.auth.tenant_upstreams_private_addresses,
+    )
+    .and_then(|c| {
         unmask(c, &up.config)
             .map_err(|why| error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_upstream", why))
     }) {
@@ -317,7 +365,7 @@ async fn patch(
             "a PATCH body is a JSON object of the fields to change (null removes one), e.g. {\"enabled\": false}".into(),
         );
     }
-    let mut body = match serde_json::to_value(&up.config) {
+    let mut body = match serde_json::to_value(masked(&up.config)) {
         Ok(v) => v,
         Err(e) => {
             return error(
@@ -340,6 +388,27 @@ async fn remove(
 ) -> Response {
     let reach = Reach::of(&who);
     if let Err(r) = changeable(&s, &name, &reach) {
+        // A stored definition that was never loaded (invalid at start-up,
+        // or imported while running) is visible to nobody: only a
+        // gateway-wide admin may delete it, by name.
+        if reach.all && s.gw.upstream_named(&name).is_none() {
+            match s.gw.delete_unloaded_upstream(&name).await {
+                Ok(true) => {
+                    audit(
+                        &s,
+                        &who,
+                        &trace,
+                        "upstream.delete",
+                        &name,
+                        json!({"loaded": false}),
+                    )
+                    .await;
+                    return Json(json!({"deleted": name, "loaded": false})).into_response();
+                }
+                Ok(false) => {}
+                Err(e) => return manage_error(e),
+            }
+        }
         return r;
     }
     match s.gw.delete_upstream(&name).await {
@@ -377,6 +446,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tenants_may_not_point_upstreams_into_private_networks() {
+        for url in [
+            "http://127.0.0.1:8080/mcp",
+            "http://localhost/mcp",
+            "http://169.254.169.254/latest/meta-data",
+            "http://10.1.2.3/mcp",
+            "http://192.168.0.1/mcp",
+            "http://[::1]:9/mcp",
+            "http://[fd00::1]/mcp",
+            "http://0.0.0.0/mcp",
+        ] {
+            assert!(private_destination(url).is_some(), "{url}");
+        }
+        for url in ["https://mcp.example.com/mcp", "http://93.184.216.34/mcp"] {
+            assert!(private_destination(url).is_none(), "{url}");
+        }
+        let reach = Reach {
+            tenant: "acme".into(),
+            all: false,
+        };
+        let body = json!({"name": "m", "transport": "sse", "url": "http://169.254.169.254/sse"});
+        assert_eq!(
+            admit(body.clone(), &reach, false).err().map(|r| r.status()),
+            Some(StatusCode::FORBIDDEN)
+        );
+        assert!(admit(body, &reach, true).is_ok());
+    }
+
+    #[test]
     fn merge_patch_follows_rfc_7396() {
         let mut doc = json!({"a": 1, "b": {"c": 2, "d": 3}, "e": [1]});
         merge_patch(
@@ -393,23 +491,23 @@ mod tests {
             all: false,
         };
         let http = json!({"name": "a", "transport": "streamable_http", "url": "http://x/mcp"});
-        let up = admit(http.clone(), &reach).expect("own tenant");
+        let up = admit(http.clone(), &reach, true).expect("own tenant");
         assert_eq!(up.tenant, "acme");
         let mut shared = http.clone();
         shared["shared"] = json!(true);
         assert_eq!(
-            admit(shared, &reach).err().map(|r| r.status()),
+            admit(shared, &reach, true).err().map(|r| r.status()),
             Some(StatusCode::FORBIDDEN)
         );
         let mut foreign = http;
         foreign["tenant"] = json!("other");
         assert_eq!(
-            admit(foreign, &reach).err().map(|r| r.status()),
+            admit(foreign, &reach, true).err().map(|r| r.status()),
             Some(StatusCode::FORBIDDEN)
         );
         let stdio = json!({"name": "s", "transport": "stdio", "command": "sh"});
         assert_eq!(
-            admit(stdio, &reach).err().map(|r| r.status()),
+            admit(stdio, &reach, true).err().map(|r| r.status()),
             Some(StatusCode::FORBIDDEN)
         );
     }
@@ -433,12 +531,15 @@ mod tests {
         escaped["headers"] = json!({"X-Template": "$${not a reference}"});
         for body in [&secret, &forward] {
             assert_eq!(
-                admit(body.clone(), &tenant).err().map(|r| r.status()),
+                admit(body.clone(), &tenant, true).err().map(|r| r.status()),
                 Some(StatusCode::FORBIDDEN),
                 "{body}"
             );
-            assert!(admit(body.clone(), &global).is_ok(), "{body}");
+            assert!(admit(body.clone(), &global, true).is_ok(), "{body}");
         }
-        assert!(admit(escaped, &tenant).is_ok(), "a literal `${{` is fine");
+        assert!(
+            admit(escaped, &tenant, true).is_ok(),
+            "a literal `${{` is fine"
+        );
     }
 }

@@ -46,6 +46,8 @@ const LOGGED_OUTPUT_VIOLATIONS: usize = 3;
 const MAX_QUOTED: usize = 64;
 /// `anyOf`/`oneOf` alternatives whose first failure a violation quotes.
 const QUOTED_ALTERNATIVES: usize = 3;
+/// Places (JSON pointers) an audit summary names.
+const AUDITED_POINTERS: usize = 5;
 
 /// Which of a tool's schemas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +77,7 @@ impl SchemaKind {
 }
 
 /// One way a value breaks a schema.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Violation {
     /// JSON pointer (RFC 6901) of the offending value; `""` is the checked
     /// object itself.
@@ -160,6 +162,59 @@ impl ArgumentViolations {
     pub fn to_mcp_error(&self) -> McpError {
         McpError::new(ErrorCode::INVALID_PARAMS, self.message(), Some(self.data()))
     }
+
+    /// The refusal read back from a JSON-RPC error made by
+    /// [`Self::to_mcp_error`] (here or by an upstream gateway), if it is one.
+    pub fn from_mcp_error(e: &McpError) -> Option<ArgumentViolations> {
+        if e.code != ErrorCode::INVALID_PARAMS {
+            return None;
+        }
+        let data = e.data.as_ref()?;
+        Some(ArgumentViolations {
+            tool: data.get("tool")?.as_str()?.to_owned(),
+            violations: serde_json::from_value(data.get("violations")?.clone()).ok()?,
+            unlisted: data
+                .get("unlisted")
+                .and_then(Value::as_u64)
+                .map_or(0, |n| n as usize),
+        })
+    }
+
+    /// What the audit log keeps of the refusal: how many violations and
+    /// where, never a value (the log keeps only a hash of the arguments),
+    /// e.g. `invalid arguments: 3 violations at /count, /tags/2, / (root)`.
+    pub fn audit_summary(&self) -> String {
+        let total = self.violations.len() + self.unlisted;
+        let mut places: Vec<&str> = Vec::new();
+        for v in &self.violations {
+            let p = display_pointer(&v.pointer);
+            if !places.contains(&p) {
+                places.push(p);
+            }
+        }
+        let more = places.len() > AUDITED_POINTERS || self.unlisted > 0;
+        let mut named: Vec<String> = places
+            .iter()
+            .take(AUDITED_POINTERS)
+            .map(|p| cut(p))
+            .collect();
+        if more {
+            named.push("…".into());
+        }
+        format!(
+            "invalid arguments: {total} violation{} at {}",
+            plural(total as u64),
+            named.join(", ")
+        )
+    }
+}
+
+/// What the audit log records of a refused `tools/call`: for arguments
+/// that break the inputSchema a summary without values
+/// ([`ArgumentViolations::audit_summary`]), otherwise the error message.
+pub fn audit_message(e: &McpError) -> String {
+    ArgumentViolations::from_mcp_error(e)
+        .map_or_else(|| e.message.to_string(), |v| v.audit_summary())
 }
 
 impl fmt::Display for ArgumentViolations {
@@ -592,14 +647,10 @@ fn violations_of(error: &jsonschema::ValidationError<'_>) -> Vec<Violation> {
             }]
         }
         other => {
-            // Rarer keywords (contentEncoding, $ref failures, regex limits):
-            // the crate's own wording.
-            vec![Violation {
-                pointer,
-                expected: format!("a value valid under `{}`", other.keyword()),
-                actual,
-                message: error.to_string(),
-            }]
+            // Rarer keywords (contentEncoding, unevaluatedItems, $ref
+            // failures, regex limits). Not the crate's wording: it quotes
+            // the whole value, which can be any size and is the caller's.
+            mismatch(format!("a value valid under `{}`", other.keyword()))
         }
     }
 }
@@ -677,6 +728,17 @@ fn quote(s: &str) -> String {
     format!("{}{rest}", Value::String(cut))
 }
 
+/// `s` cut to [`MAX_QUOTED`] characters.
+fn cut(s: &str) -> String {
+    let mut chars = s.chars();
+    let head: String = chars.by_ref().take(MAX_QUOTED).collect();
+    if chars.next().is_some() {
+        format!("{head}…")
+    } else {
+        head
+    }
+}
+
 /// A property name from a `required` error (a JSON string) quoted.
 fn quote_value(v: &Value) -> String {
     match v.as_str() {
@@ -687,12 +749,7 @@ fn quote_value(v: &Value) -> String {
 
 /// `v` as JSON, cut to [`MAX_QUOTED`] characters.
 fn short_json(v: &Value) -> String {
-    let s = v.to_string();
-    if s.chars().count() <= MAX_QUOTED {
-        return s;
-    }
-    let cut: String = s.chars().take(MAX_QUOTED).collect();
-    format!("{cut}…")
+    cut(&v.to_string())
 }
 
 fn plural(n: u64) -> &'static str {
@@ -1139,6 +1196,68 @@ mod tests {
             Some("c")
         );
         assert!(validators.tool(&two, "b").is_none());
+    }
+
+    #[test]
+    fn the_audit_summary_names_count_and_places_but_no_value() {
+        let secret = "hunter2-do-not-log";
+        // /name breaks both its pattern and its length: one place.
+        let v = refused(
+            &typed(),
+            json!({"name": secret, "count": secret, "tags": ["a", 7]}),
+        );
+        assert!(v.message().contains(secret), "the client sees the value");
+        let e = v.to_mcp_error();
+        let summary = audit_message(&e);
+        assert!(!summary.contains(secret), "{summary}");
+        let mut places: Vec<&str> = summary
+            .strip_prefix("invalid arguments: 4 violations at ")
+            .unwrap_or_else(|| panic!("{summary}"))
+            .split(", ")
+            .collect();
+        places.sort_unstable();
+        assert_eq!(places, ["/count", "/name", "/tags/1"], "{summary}");
+        assert_eq!(
+            ArgumentViolations::from_mcp_error(&e).as_ref(),
+            Some(&v),
+            "read back from the error"
+        );
+        // Many places: the first few and an ellipsis.
+        let s = schema(
+            json!({"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "string"}}}}),
+        );
+        let xs: Vec<u32> = (0..(MAX_LISTED as u32 + 5)).collect();
+        let many = audit_message(&refused(&s, json!({ "xs": xs })).to_mcp_error());
+        assert_eq!(
+            many,
+            format!(
+                "invalid arguments: {} violations at /xs/0, /xs/1, /xs/2, /xs/3, /xs/4, …",
+                MAX_LISTED + 5
+            )
+        );
+        // Any other error is recorded as it is.
+        let other = McpError::new(ErrorCode::INVALID_PARAMS, "unknown tool `x`", None);
+        assert_eq!(audit_message(&other), "unknown tool `x`");
+    }
+
+    #[test]
+    fn rarer_keywords_never_quote_the_whole_value() {
+        // `unevaluatedItems` has no arm of its own; jsonschema's wording
+        // would quote every unexpected item in full.
+        let s = schema(json!({
+            "type": "object",
+            "properties": {"xs": {"type": "array", "prefixItems": [{"type": "string"}], "unevaluatedItems": false}}
+        }));
+        let long = format!("secret-{}", "x".repeat(500));
+        let v = refused(&s, json!({"xs": ["a", long]}));
+        let only = only(&v);
+        expect(
+            only,
+            "/xs",
+            "a value valid under `unevaluatedItems`",
+            "array of 2 items",
+        );
+        assert!(!v.message().contains("secret-"), "{}", v.message());
     }
 
     #[test]

@@ -93,6 +93,12 @@ impl View {
         let mut out: Vec<Tool> = tools
             .into_iter()
             .filter(|t| self.admits(&t.name, upstream_of(&t.name).as_deref()))
+            // A tool whose own name another tool is renamed to is hidden:
+            // the view's name means the renamed one (as `exposed_name` says).
+            .filter(|t| {
+                self.config.rename.contains_key(t.name.as_ref())
+                    || !self.reverse.contains_key(t.name.as_ref())
+            })
             .map(|mut t| {
                 if let Some(d) = self.config.descriptions.get(t.name.as_ref()) {
                     t.description = Some(d.clone().into());
@@ -183,6 +189,13 @@ mod tests {
             v.admits("gh__status", None),
             "built-ins belong to no upstream"
         );
+
+        // A rename onto a real tool's name hides the real one.
+        let clash = view("[[virtual_servers]]\nname = \"x\"\nrename = { \"a\" = \"b\" }\n");
+        let shown = clash.present(vec![tool("a"), tool("b")], |_| None);
+        let names: Vec<&str> = shown.iter().map(|t| t.name.as_ref()).collect();
+        assert_eq!(names, vec!["b"]);
+        assert_eq!(clash.exposed_name("b").as_deref(), Some("a"));
 
         let capped = view("[[virtual_servers]]\nname = \"c\"\nmax_tools = 2\n");
         let shown = capped.present(vec![tool("c"), tool("a"), tool("b")], |_| None);

@@ -278,18 +278,6 @@ pub(super) fn validate_upstream(
     errors: &mut Vec<ConfigError>,
 ) {
     let k = |f: &str| format!("{prefix}.{f}");
-    if up.deadline_secs == Some(0) {
-        errors.push(invalid(&k("deadline_secs"), "0", "must be at least 1"));
-    }
-    for (tool, secs) in &up.tool_timeouts {
-        if *secs == 0 {
-            errors.push(invalid(
-                &k(&format!("tool_timeouts.{tool}")),
-                "0",
-                "must be at least 1",
-            ));
-        }
-    }
     let r = &up.retry;
     if r.max_attempts == 0 || r.max_attempts > 10 {
         errors.push(invalid(

@@ -346,7 +346,18 @@ impl Link {
                     }
                 };
                 got_bytes |= !chunk.is_empty();
-                for event in parser.push(&chunk) {
+                let events = match parser.push(&chunk) {
+                    Ok(events) => events,
+                    Err(too_large) => {
+                        // Not resumed: the gateway would replay the same event.
+                        let why = format!(
+                            "the gateway sent {too_large} (the most the bridge reads); the bridge closed the stream, and the request may or may not have been carried out"
+                        );
+                        self.give_up(message, why).await;
+                        return;
+                    }
+                };
+                for event in events {
                     if let Some(value) = event_message(&event)
                         && self.relay(value, message).await
                         && wants_answer
@@ -486,7 +497,16 @@ impl Link {
                                 break;
                             }
                         };
-                        for event in parser.push(&chunk) {
+                        let events = match parser.push(&chunk) {
+                            Ok(events) => events,
+                            Err(too_large) => {
+                                why = format!(
+                                    "the gateway sent {too_large} (the most the bridge reads); the bridge closed it"
+                                );
+                                break;
+                            }
+                        };
+                        for event in events {
                             if let Some(value) = event_message(&event) {
                                 delivered = true;
                                 self.out.send(value).await;
@@ -801,7 +821,10 @@ async fn read_single_answer(r: Response, id: &Value) -> Result<Value, String> {
     while let Some(chunk) = body.next().await {
         let chunk = chunk
             .map_err(|e| format!("reading the answer to the replayed initialize failed: {e}"))?;
-        for event in parser.push(&chunk) {
+        let events = parser.push(&chunk).map_err(|too_large| {
+            format!("the gateway answered the replayed initialize with {too_large} (the most the bridge reads)")
+        })?;
+        for event in events {
             if let Some(v) = event_message(&event)
                 && answers(&v, id)
             {

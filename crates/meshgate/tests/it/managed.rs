@@ -250,7 +250,7 @@ async fn upstreams_are_created_changed_disabled_and_deleted_through_the_api_whil
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_keys_manage_only_their_own_unshared_remote_upstreams() {
     let fx = HttpFixture::start();
-    let gw = Gateway::start(&GatewayConfig::new()).await;
+    let mut gw = Gateway::start(&GatewayConfig::new()).await;
     let (acme_op, _) = create_key(
         &gw,
         json!({"name": "acme-op", "role": "operator", "tenant": "acme"}),
@@ -266,6 +266,26 @@ async fn tenant_keys_manage_only_their_own_unshared_remote_upstreams() {
         json!({"name": "beta-op", "role": "operator", "tenant": "beta"}),
     )
     .await;
+    // By default a tenant may not point an upstream into the networks the
+    // gateway reaches (the fixture listens on 127.0.0.1).
+    let (code, v) = send(
+        &gw.client_with_key(&acme_op),
+        Method::POST,
+        &gw.url("/api/v1/upstreams"),
+        Some(json!({"name": "probe", "transport": "sse", "url": "http://169.254.169.254/sse"})),
+    )
+    .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("auth.tenant_upstreams_private_addresses"),
+        "{v}"
+    );
+    gw.rewrite_config(&GatewayConfig::new().auth("tenant_upstreams_private_addresses = true"));
+    gw.restart().await;
+
     let as_key = |key: &str| gw.client_with_key(key);
     let post = |key: String, body: Value| {
         let client = as_key(&key);

@@ -524,3 +524,48 @@ async fn forward_authorization_sends_the_clients_credential_on_its_own_connectio
         "other configured headers go with every request"
     );
 }
+
+/// A stdio upstream that never answers `initialize` (`sleep` reads nothing)
+/// with a 1 s connect timeout: the process of each timed-out attempt is
+/// stopped (2 s grace after its stdin closed, then killed), so the restarts
+/// do not pile up processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_that_never_answers_initialize_is_stopped_after_its_connect_timeout() {
+    let sleep = serde_json::to_string(&in_path("sleep").display().to_string())
+        .expect("a path as a TOML basic string");
+    let config = GatewayConfig::new().toml(&format!(
+        "[[upstreams]]\nname = \"mute\"\ntransport = \"stdio\"\ncommand = {sleep}\nargs = [\"600\"]\nconnect_timeout_secs = 1\n"
+    ));
+    let gw = Gateway::start(&config).await;
+    let gw_pid = gw.pid().expect("the gateway runs");
+    let first = eventually("the first `sleep` child", WAIT, || async {
+        let d = descendants(gw_pid);
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    // 1 s timeout and 2 s grace, with room for a slow machine.
+    eventually(
+        "the first timed-out children to be stopped",
+        Duration::from_secs(10),
+        || async { first.iter().all(|&p| !alive(p)).then_some(()) },
+    )
+    .await;
+    let live = descendants(gw_pid);
+    assert!(
+        live.len() <= 3,
+        "only attempts within their timeout or grace may be alive, not {live:?}"
+    );
+    let timeouts = log_lines(&gw)
+        .iter()
+        .filter(|l| {
+            // `upstream down` at start-up, `upstream reconnect failed` after.
+            let why = l["reason"].as_str().or(l["error"].as_str());
+            l["upstream"] == "mute" && why.is_some_and(|e| e.contains("connect_timeout_secs"))
+        })
+        .count();
+    assert!(
+        timeouts >= 2,
+        "the upstream was retried and timed out each time:\n{}",
+        gw.log()
+    );
+}

@@ -275,3 +275,52 @@ async fn schemas_of_the_official_server_everything_are_enforced() {
     );
     let _ = session.cancel().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_entry_of_a_refused_call_names_the_places_but_no_argument_value() {
+    let fx = HttpFixture::start();
+    let gw = gateway(&fx, "").await;
+    let (session, _) = connect(&gw).await;
+    let secret = "do-not-audit-7f3a9c";
+
+    let e = refusal(
+        &session,
+        call(TYPED, json!({"name": "ann", "count": secret})),
+    )
+    .await;
+    assert!(
+        e.message.contains(secret),
+        "the caller is told what was wrong: {}",
+        e.message
+    );
+
+    // The audit queue is written in batches: wait for the entry.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let entry = loop {
+        let (status, audit) = gw
+            .get_json("/api/v1/audit?action=tool.call&outcome=error")
+            .await;
+        assert!(status.is_success(), "{status}: {audit}");
+        if let Some(entry) = audit["entries"]
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["target"] == TYPED))
+        {
+            break entry.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit entry for the refused call: {audit}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let recorded = entry.to_string();
+    assert!(
+        !recorded.contains(secret),
+        "an argument value reached the audit log: {recorded}"
+    );
+    assert!(
+        recorded.contains("invalid arguments: 1 violation at /count"),
+        "the entry says what was wrong and where: {recorded}"
+    );
+    let _ = session.cancel().await;
+}

@@ -108,3 +108,71 @@ async fn a_virtual_server_filters_and_renames_tools_on_list_and_call() {
     let (admin_view, _) = connect_path(&gw, "/servers/acme-only/mcp", &gw.admin_key).await;
     assert!(!tool_names(&admin_view).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_search_in_a_virtual_server_finds_only_its_tools_under_its_names() {
+    let fx = HttpFixture::start();
+    let gw = Gateway::start(
+        &GatewayConfig::new()
+            .http_upstream("fx", &fx.url)
+            .stdio_fixture("st")
+            .toml(
+                r#"
+[tools]
+search_threshold = 0
+
+[[virtual_servers]]
+name = "found"
+upstreams = ["fx"]
+exclude = ["fx__fail"]
+rename = { "fx__echo" = "say" }
+max_tools = 1
+"#,
+            ),
+    )
+    .await;
+    let (dev_key, _) = create_key(&gw, json!({"name": "dev", "role": "developer"})).await;
+    let (view, _) = connect_path(&gw, "/servers/found/mcp", &dev_key).await;
+
+    // The cap leaves one tool; the search is offered beside it.
+    let names = tool_names(&view).await;
+    assert!(names.contains(&"tools_search".to_owned()), "{names:?}");
+    assert_eq!(names.len(), 2, "one tool and tools_search: {names:?}");
+    assert!(!names.contains(&"say".to_owned()), "{names:?}");
+
+    let found = |r: &rmcp::model::CallToolResult| -> Vec<String> {
+        r.structured_content
+            .as_ref()
+            .and_then(|s| s["tools"].as_array())
+            .unwrap_or_else(|| panic!("structuredContent.tools: {r:?}"))
+            .iter()
+            .map(|t| t["name"].as_str().expect("name").to_owned())
+            .collect()
+    };
+    let echo = call_tool(&view, "tools_search", json!({"query": "echo", "limit": 50})).await;
+    let echo = found(&echo);
+    assert_eq!(echo.first().map(String::as_str), Some("say"), "{echo:?}");
+    for name in &echo {
+        assert!(
+            name == "say" || (name.starts_with("fx__") && name != "fx__echo"),
+            "{name} is outside the view or under a name it hides: {echo:?}"
+        );
+    }
+    let fail = call_tool(&view, "tools_search", json!({"query": "fail"})).await;
+    assert!(
+        !found(&fail).contains(&"fx__fail".to_owned()),
+        "an excluded tool was found: {:?}",
+        found(&fail)
+    );
+    let other = call_tool(
+        &view,
+        "tools_search",
+        json!({"query": "echo", "upstream": "st"}),
+    )
+    .await;
+    assert!(found(&other).is_empty(), "{:?}", found(&other));
+
+    // The name found is the one the view answers to.
+    let said = call_tool(&view, "say", json!({"message": "found by search"})).await;
+    assert_eq!(text_of(&said), "found by search");
+}
