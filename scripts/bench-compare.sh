@@ -15,16 +15,22 @@
 # ratios, each round pairing A and B measured back to back.
 #
 # Usage: scripts/bench-compare.sh --a DIR [--b DIR] [--rounds N] [--duration SECS]
+#                                 [--a-extra FILE] [--b-extra FILE]
 #   --a DIR   directory holding the baseline `meshgate` binary (required)
 #   --b DIR   directory holding the candidate `meshgate` and `meshgate-fixture`
 #             (default: $CARGO_TARGET_DIR/release, or ./target/release)
+#   --a-extra FILE, --b-extra FILE
+#             TOML appended to that gateway's configuration (after the
+#             upstream): compares settings of one build when --a and --b
+#             name the same directory, e.g. a file holding
+#             `[tools]` / `validate_arguments = false` against the default.
 # Nothing is built: build both trees first (cargo build --release -p meshgate
 # -p meshgate-fixture; the baseline in its own worktree and target dir).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 case $TARGET_DIR in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
-A_DIR="" B_DIR=$TARGET_DIR/release
+A_DIR="" B_DIR=$TARGET_DIR/release A_EXTRA="" B_EXTRA=""
 ROUNDS=3 DURATION=5
 while (($#)); do
     case $1 in
@@ -32,6 +38,8 @@ while (($#)); do
     --b) B_DIR=$2; shift ;;
     --rounds) ROUNDS=$2; shift ;;
     --duration) DURATION=$2; shift ;;
+    --a-extra) A_EXTRA=$2; shift ;;
+    --b-extra) B_EXTRA=$2; shift ;;
     -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-compare.sh: unknown option $1" >&2; exit 2 ;;
     esac
@@ -42,7 +50,10 @@ A_DIR=$(cd "$A_DIR" && pwd) B_DIR=$(cd "$B_DIR" && pwd)
 for f in "$A_DIR/meshgate" "$B_DIR/meshgate" "$B_DIR/meshgate-fixture"; do
     [[ -x $f ]] || { echo "bench-compare.sh: $f not found or not executable" >&2; exit 1; }
 done
-declare -A BINDIR=([a]=$A_DIR [b]=$B_DIR)
+declare -A BINDIR=([a]=$A_DIR [b]=$B_DIR) EXTRA=([a]=$A_EXTRA [b]=$B_EXTRA)
+for f in "$A_EXTRA" "$B_EXTRA"; do
+    [[ -z $f || -r $f ]] || { echo "bench-compare.sh: $f not readable" >&2; exit 1; }
+done
 LOADGEN=$B_DIR/meshgate
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/meshgate-bench-compare.XXXXXX")
@@ -78,6 +89,7 @@ name = "fx"
 transport = "streamable_http"
 url = "$UP"
 TOML
+    [[ -z ${EXTRA[$g]} ]] || cat "${EXTRA[$g]}" >>"$TMP/$g.toml"
     "${BINDIR[$g]}/meshgate" serve --config "$TMP/$g.toml" >/dev/null 2>"$TMP/$g.log" &
     PID[$g]=$!
     PIDS+=($!)
@@ -89,7 +101,7 @@ TOML
 done
 for g in a b; do
     G=${g^^}
-    echo "$G ${BINDIR[$g]}/meshgate ($(sha256sum "${BINDIR[$g]}/meshgate" | cut -c1-12)) ${URL[$g]} pid ${PID[$g]}" >&2
+    echo "$G ${BINDIR[$g]}/meshgate ($(sha256sum "${BINDIR[$g]}/meshgate" | cut -c1-12)) ${URL[$g]} pid ${PID[$g]}${EXTRA[$g]:+ + ${EXTRA[$g]}}" >&2
 done
 echo "upstream $UP (fixture from B); load generator $LOADGEN; load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
