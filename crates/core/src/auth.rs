@@ -292,12 +292,7 @@ pub fn check_api_key_format(key: &str) -> Result<(), String> {
 /// SHA-256 of a secret (API key or refresh token), hex. Keys carry 256 random
 /// bits, so a fast hash is enough: there is nothing to brute-force.
 pub fn hash_secret(secret: &str) -> String {
-    let digest = Sha256::digest(secret.as_bytes());
-    let mut out = String::with_capacity(64);
-    for b in digest {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
 /// The non-secret part shown in listings: `mg_` and the first 6 characters.

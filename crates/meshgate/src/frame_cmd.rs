@@ -340,10 +340,6 @@ fn to_base64(bytes: &[u8]) -> String {
     out
 }
 
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A message as JSON when it is JSON, else as a (lossy) string.
 fn message_value(message: &[u8]) -> Value {
     serde_json::from_slice(message)
@@ -538,7 +534,7 @@ fn encode(args: EncodeArgs) -> Result<(), Failure> {
     );
     let mut stdout = std::io::stdout().lock();
     let written = match args.output {
-        OutputFormat::Hex => writeln!(stdout, "{}", to_hex(&wire)),
+        OutputFormat::Hex => writeln!(stdout, "{}", hex::encode(&wire)),
         OutputFormat::Base64 => writeln!(stdout, "{}", to_base64(&wire)),
         OutputFormat::Raw => stdout.write_all(&wire),
     };

@@ -1396,10 +1396,6 @@ fn hmac_sha256(key: &[u8; 32], fields: &[&[u8]]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl ParkedCalls {
     /// An empty table with a fresh random sealing key.
     pub fn new() -> Result<ParkedCalls, String> {
@@ -1436,7 +1432,7 @@ impl ParkedCalls {
 
     fn mac(&self, id: &str, exp: u64, p: &Principal, subject: CallSubject<'_>) -> String {
         let exp = exp.to_string();
-        hex(&hmac_sha256(
+        hex::encode(hmac_sha256(
             &self.key,
             &[
                 STATE_PREFIX.as_bytes(),
@@ -1467,7 +1463,7 @@ impl ParkedCalls {
         if getrandom::fill(&mut raw).is_err() {
             return Err(Box::new(parked));
         }
-        let id = hex(&raw);
+        let id = hex::encode(raw);
         let exp = crate::upstream::unix_now() + PARK_TTL.as_secs();
         let token = format!(
             "{STATE_PREFIX}{id}.{exp}.{}",

@@ -407,6 +407,33 @@ async fn trace_id(req: Request, next: Next) -> Response {
     resp
 }
 
+/// rmcp's Streamable HTTP service behind one `Arc`. axum clones a route's
+/// service for every request, and cloning `StreamableHttpService` copies its
+/// whole configuration (allowed hosts, a cancellation token); this clones a
+/// pointer and calls the same `handle`.
+#[derive(Clone)]
+struct SharedMcpService(Arc<StreamableHttpService<GatewayHandler, SequencedSessions>>);
+
+impl tower::Service<Request> for SharedMcpService {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { Ok(service.handle(req).await.map(Body::new)) })
+    }
+}
+
 /// What `/health` and the start-up log say when authentication is off.
 pub const AUTH_DISABLED_WARNING: &str = "authentication is DISABLED (auth.enabled = false): anyone who can reach this gateway can call every tool; use this only for local development";
 
@@ -432,7 +459,7 @@ pub fn router(state: AppState) -> Router {
     )));
     let factory_gw = gw.clone();
     let factory_auth = state.auth.clone();
-    let mcp = StreamableHttpService::new(
+    let mcp = SharedMcpService(Arc::new(StreamableHttpService::new(
         move || {
             Ok(GatewayHandler::new(
                 factory_gw.clone(),
@@ -442,7 +469,7 @@ pub fn router(state: AppState) -> Router {
         },
         state.mcp_sessions.clone(),
         mcp_config,
-    );
+    )));
     let limit = cfg.max_request_body_bytes;
     let mcp_routes = Router::new()
         .route_service("/mcp", mcp.clone())

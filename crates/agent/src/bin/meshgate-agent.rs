@@ -212,10 +212,7 @@ fn digest_payload(payload: &Value, result: &mut Map<String, Value>) {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(bytes))
 }
 
 /// The `doc` of a `state` or `state_report` payload field.

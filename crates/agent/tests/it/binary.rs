@@ -268,10 +268,7 @@ async fn example_agent_speaks_binary_applies_state_and_reports_it() {
     let result = &complete["result"];
     assert_eq!(result["payload_bytes"], payload.to_string().len());
     assert_eq!(result["data_bytes"], 300_000);
-    let sha: String = Sha256::digest(data.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha = hex::encode(Sha256::digest(data.as_bytes()));
     assert_eq!(result["data_sha256"], sha.as_str());
     assert!(result.get("echo").is_none(), "the payload is not echoed");
     stop(child, &mut conn).await;

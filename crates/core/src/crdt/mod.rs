@@ -210,12 +210,7 @@ impl Document {
     /// have equal hashes.
     pub fn hash(&self) -> String {
         let digest = Sha256::digest(canonical_json(&self.to_json()).as_bytes());
-        let mut out = String::with_capacity(7 + 64);
-        out.push_str("sha256:");
-        for b in digest {
-            out.push_str(&format!("{b:02x}"));
-        }
-        out
+        format!("sha256:{}", hex::encode(digest))
     }
 
     /// The vector clock as `{"replica": counter}` (the contiguous part; see

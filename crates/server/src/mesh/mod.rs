@@ -587,7 +587,7 @@ impl Mesh {
         use sha2::Digest;
         let id = format!("b-{}", uuid::Uuid::new_v4().simple());
         let sha = sha2::Sha256::digest(&bytes);
-        let sha256: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+        let sha256 = hex::encode(sha);
         let size = bytes.len();
         self.store
             .put_blob(&meshgate_store::BlobRow {
