@@ -1333,16 +1333,21 @@ impl Gateway {
         up.restart.lock().map(|r| r.restarts).unwrap_or(0)
     }
 
-    /// Every 30 s, closes per-session upstream connections idle longer than
-    /// their upstream's `pool.idle_timeout_secs`.
+    /// Closes per-session upstream connections idle longer than their
+    /// upstream's `pool.idle_timeout_secs`. It looks every half of the
+    /// shortest per-session timeout, but at most every 30 s and at least
+    /// every second, so a connection lives at most half its timeout longer.
     async fn idle_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(30));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
         loop {
+            let every = idle_sweep_interval(
+                self.upstreams
+                    .iter()
+                    .filter(|u| u.per_session())
+                    .map(|u| u.config.pool.idle_timeout_secs),
+            );
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(every) => {}
             }
             let closed = self
                 .clients
@@ -1366,5 +1371,29 @@ impl Gateway {
     /// health check marks it up again.
     pub fn report_failure(&self, up: &Upstream, error: &str) {
         up.set_status(UpstreamStatus::Down(error.to_owned()));
+    }
+}
+
+/// How often the idle sweep runs: half the shortest of `timeouts` (seconds),
+/// between 1 s and 30 s; 30 s when there are none.
+fn idle_sweep_interval(timeouts: impl Iterator<Item = u64>) -> Duration {
+    let shortest = timeouts.min().unwrap_or(60);
+    Duration::from_millis(shortest.saturating_mul(500))
+        .clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn the_idle_sweep_runs_every_half_of_the_shortest_timeout_within_1_to_30_s() {
+        use super::idle_sweep_interval as every;
+        assert_eq!(every([].into_iter()), Duration::from_secs(30));
+        assert_eq!(every([300, 10].into_iter()), Duration::from_secs(5));
+        assert_eq!(every([3].into_iter()), Duration::from_millis(1500));
+        assert_eq!(every([1].into_iter()), Duration::from_secs(1));
+        assert_eq!(every([600].into_iter()), Duration::from_secs(30));
+        assert_eq!(every([u64::MAX].into_iter()), Duration::from_secs(30));
     }
 }

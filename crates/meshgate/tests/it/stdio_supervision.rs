@@ -255,6 +255,54 @@ async fn per_session_processes_are_one_per_session_and_end_with_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_process_idle_past_its_timeout_ends_and_one_in_use_stays() {
+    let gw = Gateway::start(
+        &GatewayConfig::new()
+            .stdio_fixture("fx")
+            .upstream_extra("process = \"per_session\"\npool = { idle_timeout_secs = 2 }"),
+    )
+    .await;
+    let (idle, _) = connect(&gw).await;
+    let (busy, _) = connect(&gw).await;
+    let p_idle = pid_of(&idle, "whoami").await;
+    let p_busy = pid_of(&busy, "whoami").await;
+    assert_ne!(p_idle, p_busy, "a process per session");
+    let idle_since = Instant::now();
+
+    // `busy` keeps calling; `idle` says nothing for longer than 2 s.
+    eventually("the idle session's process to end", WAIT, || async {
+        assert_eq!(
+            pid_of(&busy, "whoami").await,
+            p_busy,
+            "a session in use keeps its process"
+        );
+        (!alive(p_idle)).then_some(())
+    })
+    .await;
+    assert!(
+        idle_since.elapsed() >= Duration::from_secs(1),
+        "ended after {:?}, before its 2 s idle timeout",
+        idle_since.elapsed()
+    );
+    assert!(alive(p_busy), "the busy session's process runs on");
+    let lines = log_lines(&gw);
+    assert!(
+        lines.iter().any(|l| l["upstream"] == "fx"
+            && l["pid"] == p_idle
+            && l["message"] == "upstream process ended after its connection closed"),
+        "the end of the idle process is logged:\n{}",
+        gw.log()
+    );
+
+    // The idle session is still open: its next call starts a new process.
+    let again = pid_of(&idle, "whoami").await;
+    assert!(
+        again != p_idle && again != p_busy && alive(again),
+        "a new process for the returning session, not {again}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_sees_only_its_configured_environment_and_secrets_stay_out_of_logs_and_api() {
     const SECRET: &str = "mg-secret-4f1c9e";
     let node = in_path("node");
