@@ -290,6 +290,13 @@ pub struct UpstreamConfig {
     /// connection instead of a configured one (streamable_http, sse).
     #[serde(default)]
     pub forward_authorization: bool,
+    /// Connects only to public addresses (streamable_http, sse): a host
+    /// name is resolved on every new connection and its loopback, private
+    /// and link-local addresses are skipped, so neither a name nor a DNS
+    /// change can point the upstream into the gateway's own network. Forced
+    /// on for upstreams a tenant creates through the API.
+    #[serde(default)]
+    pub public_addresses_only: bool,
 }
 
 /// Which child processes serve a stdio upstream's calls.
@@ -472,6 +479,13 @@ impl UpstreamConfig {
                     ),
                 ));
             }
+        }
+        if self.public_addresses_only && stdio {
+            errors.push(invalid(
+                &k("public_addresses_only"),
+                "true",
+                "a stdio upstream makes no network connection; public_addresses_only is for streamable_http and sse upstreams",
+            ));
         }
         if self.forward_authorization && stdio {
             errors.push(invalid(

@@ -286,13 +286,28 @@ impl Upstream {
 pub struct HttpClients {
     plain: OnceLock<reqwest::Client>,
     tls: OnceLock<reqwest::Client>,
+    /// The same two for `public_addresses_only` upstreams: their resolver
+    /// drops non-public addresses ([`crate::egress::PublicOnlyResolver`]).
+    public_plain: OnceLock<reqwest::Client>,
+    public_tls: OnceLock<reqwest::Client>,
 }
 
 impl HttpClients {
     /// The client for `url`, building it if needed.
     pub fn for_url(&self, url: &str) -> Result<reqwest::Client, String> {
+        self.for_upstream(url, false)
+    }
+
+    /// The client for an upstream at `url`; with `public_only`, one that
+    /// connects to public addresses only.
+    pub fn for_upstream(&self, url: &str, public_only: bool) -> Result<reqwest::Client, String> {
         let tls = url.starts_with("https://");
-        let cell = if tls { &self.tls } else { &self.plain };
+        let cell = match (public_only, tls) {
+            (false, false) => &self.plain,
+            (false, true) => &self.tls,
+            (true, false) => &self.public_plain,
+            (true, true) => &self.public_tls,
+        };
         if let Some(c) = cell.get() {
             return Ok(c.clone());
         }
@@ -308,6 +323,11 @@ impl HttpClients {
             builder
         } else {
             builder.tls_certs_only(Vec::new())
+        };
+        let builder = if public_only {
+            builder.dns_resolver(std::sync::Arc::new(crate::egress::PublicOnlyResolver))
+        } else {
+            builder
         };
         let client = builder
             .build()

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod clients;
+pub mod egress;
 pub mod gateway;
 pub mod handler;
 pub mod managed;

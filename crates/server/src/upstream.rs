@@ -739,7 +739,10 @@ pub async fn connect_with(
 fn handshake_detail(upstream: &str, e: &ClientInitializeError) -> String {
     let text = e.to_string();
     let Some(quoted) = unexpected_response(e) else {
-        return text;
+        return match request_causes(e) {
+            Some(causes) if !text.contains(&causes) => format!("{text} ({causes})"),
+            _ => text,
+        };
     };
     tracing::warn!(upstream, answer = %quoted, "the upstream answered the handshake with something that is not MCP");
     let status = quoted
@@ -777,6 +780,39 @@ fn unexpected_response(e: &ClientInitializeError) -> Option<&str> {
             err.downcast_ref()
         {
             return Some(quoted);
+        }
+        source = err.source();
+    }
+    None
+}
+
+/// Why an HTTP request of the handshake failed, below reqwest's own "error
+/// sending request": the causes it wraps (connection refused, a DNS failure,
+/// an address refused by `public_addresses_only`), joined by `: `. Only
+/// reqwest's chain is read: it holds no upstream content.
+fn request_causes(e: &ClientInitializeError) -> Option<String> {
+    let ClientInitializeError::TransportError { error, .. } = e else {
+        return None;
+    };
+    use rmcp::transport::streamable_http_client::StreamableHttpError;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.error.as_ref());
+    while let Some(err) = source {
+        // rmcp wraps reqwest's error without declaring it as the source.
+        let request = match err.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+            Some(StreamableHttpError::Client(e)) => Some(e),
+            _ => err.downcast_ref::<reqwest::Error>(),
+        };
+        if let Some(request) = request {
+            let mut causes: Vec<String> = Vec::new();
+            let mut cause = std::error::Error::source(request);
+            while let Some(c) = cause {
+                let line = c.to_string();
+                if !causes.iter().any(|seen| seen.contains(&line)) {
+                    causes.push(line);
+                }
+                cause = c.source();
+            }
+            return (!causes.is_empty()).then(|| causes.join(": "));
         }
         source = err.source();
     }
@@ -940,7 +976,10 @@ async fn handshake(
                 }
             }
             let client = http
-                .for_url(&cfg.url.clone().unwrap_or_default())
+                .for_upstream(
+                    &cfg.url.clone().unwrap_or_default(),
+                    cfg.public_addresses_only,
+                )
                 .map_err(|e| Failure::Connect(ConnectError::Handshake(e)))?;
             let transport = StreamableHttpClientTransport::with_client(client, config);
             serve_client_with_lifecycle(relay, transport, lifecycle)
@@ -950,7 +989,7 @@ async fn handshake(
         UpstreamTransport::Sse => {
             let url = cfg.url.clone().unwrap_or_default();
             let client = http
-                .for_url(&url)
+                .for_upstream(&url, cfg.public_addresses_only)
                 .map_err(|e| Failure::Connect(ConnectError::Handshake(e)))?;
             let transport = crate::upstream_sse::SseTransport::connect(
                 &name,

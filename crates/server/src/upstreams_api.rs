@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 
 use crate::admin::{Caller, Reach, audit, error};
 use crate::auth::middleware::TraceId;
+use crate::egress::private_destination;
 use crate::gateway::{Upstream, UpstreamSource};
 use crate::http::AppState;
 use crate::managed::{ManageError, masked, unmask};
@@ -97,7 +98,7 @@ fn admit(mut body: Value, reach: &Reach, private_ok: bool) -> Result<UpstreamCon
     {
         obj.insert("tenant".into(), Value::String(reach.tenant.clone()));
     }
-    let up = parse(body)?;
+    let mut up = parse(body)?;
     if reach.all {
         return Ok(up);
     }
@@ -120,15 +121,39 @@ fn admit(mut body: Value, reach: &Reach, private_ok: bool) -> Result<UpstreamCon
     if up.transport == UpstreamTransport::Stdio {
         return refuse("a stdio upstream (it runs a program on the gateway's host)".into());
     }
-    if !private_ok && let Some(why) = up.url.as_deref().and_then(private_destination) {
-        return refuse(format!(
-            "an upstream at {why} (or set auth.tenant_upstreams_private_addresses = true)"
-        ));
+    if !private_ok {
+        if let Some(why) = up.url.as_deref().and_then(private_destination) {
+            return refuse(format!(
+                "an upstream at {why} (or set auth.tenant_upstreams_private_addresses = true)"
+            ));
+        }
+        // Names are checked on every connection, not only now.
+        up.public_addresses_only = true;
     }
     if let Some(refused) = gateway_identity_refused(&up, reach) {
         return Err(refused);
     }
     Ok(up)
+}
+
+/// For an upstream held to public addresses: refuses it now when its host
+/// name resolves only inside (it is checked again on every connection).
+async fn resolves_inside(cfg: &UpstreamConfig, reach: &Reach) -> Option<Response> {
+    if !cfg.public_addresses_only {
+        return None;
+    }
+    let why = crate::egress::resolves_only_privately(cfg.url.as_deref()?).await?;
+    Some(if reach.all {
+        error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_upstream", why)
+    } else {
+        error(
+            StatusCode::FORBIDDEN,
+            "cross_tenant",
+            format!(
+                "{why}; an upstream inside the gateway's network needs a credential holding scope `tenants:*` (or set auth.tenant_upstreams_private_addresses = true)"
+            ),
+        )
+    })
 }
 
 /// Refuses, without `tenants:*`, a definition that would hand the
@@ -159,40 +184,6 @@ fn gateway_identity_refused(up: &UpstreamConfig, reach: &Reach) -> Option<Respon
             "{what} needs a credential holding scope `tenants:*`; write a literal value (or `$${{` for a literal `${{`) instead"
         ),
     ))
-}
-
-/// Why `url` may not be used by a tenant: it names this machine or a
-/// private, link-local or unspecified address (by literal or `localhost`).
-/// Names that resolve to such addresses are not caught here.
-fn private_destination(url: &str) -> Option<String> {
-    let parsed = reqwest::Url::parse(url).ok()?;
-    let raw = parsed.host_str()?;
-    let unbracketed = raw.trim_start_matches('[').trim_end_matches(']');
-    let Ok(host) = unbracketed.parse::<std::net::IpAddr>() else {
-        let d = raw.trim_end_matches('.').to_ascii_lowercase();
-        return (d == "localhost" || d.ends_with(".localhost"))
-            .then(|| format!("`{d}` is this machine"));
-    };
-    let private = match host {
-        std::net::IpAddr::V4(ip) => {
-            ip.is_loopback()
-                || ip.is_private()
-                || ip.is_link_local()
-                || ip.is_unspecified()
-                || ip.is_broadcast()
-                || ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64
-        }
-        std::net::IpAddr::V6(ip) => {
-            ip.is_loopback()
-                || ip.is_unspecified()
-                || (ip.segments()[0] & 0xfe00) == 0xfc00
-                || (ip.segments()[0] & 0xffc0) == 0xfe80
-                || ip
-                    .to_ipv4_mapped()
-                    .is_some_and(|v4| v4.is_loopback() || v4.is_private() || v4.is_link_local())
-        }
-    };
-    private.then(|| format!("{host} is a loopback, private or link-local address"))
 }
 
 /// The upstream named `name`, if the caller may see it.
@@ -236,6 +227,9 @@ async fn create(
         Ok(c) => c,
         Err(r) => return r,
     };
+    if let Some(refused) = resolves_inside(&cfg, &reach).await {
+        return refused;
+    }
     match s.gw.create_upstream(cfg).await {
         Ok(up) => {
             let v = view(&up);
@@ -302,6 +296,9 @@ async fn update(
     };
     // A masked value sent back takes the stored one, which may be a reference.
     if let Some(refused) = gateway_identity_refused(&cfg, reach) {
+        return refused;
+    }
+    if let Some(refused) = resolves_inside(&cfg, reach).await {
         return refused;
     }
     let name = up.config.name.clone();
@@ -447,21 +444,6 @@ mod tests {
 
     #[test]
     fn tenants_may_not_point_upstreams_into_private_networks() {
-        for url in [
-            "http://127.0.0.1:8080/mcp",
-            "http://localhost/mcp",
-            "http://169.254.169.254/latest/meta-data",
-            "http://10.1.2.3/mcp",
-            "http://192.168.0.1/mcp",
-            "http://[::1]:9/mcp",
-            "http://[fd00::1]/mcp",
-            "http://0.0.0.0/mcp",
-        ] {
-            assert!(private_destination(url).is_some(), "{url}");
-        }
-        for url in ["https://mcp.example.com/mcp", "http://93.184.216.34/mcp"] {
-            assert!(private_destination(url).is_none(), "{url}");
-        }
         let reach = Reach {
             tenant: "acme".into(),
             all: false,
@@ -471,7 +453,22 @@ mod tests {
             admit(body.clone(), &reach, false).err().map(|r| r.status()),
             Some(StatusCode::FORBIDDEN)
         );
-        assert!(admit(body, &reach, true).is_ok());
+        let allowed = admit(body, &reach, true).expect("private addresses allowed");
+        assert!(!allowed.public_addresses_only);
+        // A tenant's upstream at a name is held to public addresses when it
+        // connects, whatever the caller sent.
+        let named = json!({"name": "m", "transport": "streamable_http", "url": "https://mcp.example.com/mcp", "public_addresses_only": false});
+        let up = admit(named.clone(), &reach, false).expect("a public name");
+        assert!(up.public_addresses_only);
+        let admin = Reach {
+            tenant: String::new(),
+            all: true,
+        };
+        assert!(
+            !admit(named, &admin, false)
+                .expect("admin")
+                .public_addresses_only
+        );
     }
 
     #[test]

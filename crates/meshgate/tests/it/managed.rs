@@ -492,3 +492,41 @@ async fn an_mcp_servers_file_is_imported_into_a_running_gateway_and_into_the_dat
     let (session, _) = connect(&gw).await;
     wait_tools(&session, "gained later__echo", |n| has(n, "later__echo")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_held_to_public_addresses_never_connects_to_a_name_that_resolves_inside() {
+    let fx = HttpFixture::start();
+    let by_name = fx.url.replace("127.0.0.1", "localhost");
+    let gw = Gateway::start(
+        &GatewayConfig::new()
+            .http_upstream("open", &by_name)
+            .http_upstream("held", &by_name)
+            .upstream_extra("public_addresses_only = true"),
+    )
+    .await;
+
+    let (status, open) = gw.get_json("/health/upstreams/open").await;
+    assert_eq!(
+        status, 200,
+        "the same name without the rule connects: {open}"
+    );
+    let (status, held) = gw.get_json("/health/upstreams/held").await;
+    assert_eq!(status, 503, "{held}");
+    assert_eq!(held["status"], "down", "{held}");
+    let error = held["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("`localhost` resolves only to loopback, private or link-local addresses")
+            && error.contains("127.0.0.1"),
+        "the reason names the host and where it resolves: {held}"
+    );
+
+    let (session, _) = connect(&gw).await;
+    let names = tool_names(&session).await;
+    assert!(names.iter().any(|n| n == "open__echo"), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("held__")), "{names:?}");
+    assert!(
+        gw.log().contains("upstream connection refused"),
+        "the refusal is logged:\n{}",
+        gw.log()
+    );
+}
