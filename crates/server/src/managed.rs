@@ -188,13 +188,12 @@ impl Gateway {
         {
             row.created_at = before.created_at;
         }
-        self.store
-            .upsert_upstream(&row)
-            .await
-            .map_err(|e| ManageError::Store(e.to_string()))?;
-        if cfg.name != name {
-            self.forget_managed(name).await?;
-        }
+        let stored = if cfg.name == name {
+            self.store.upsert_upstream(&row).await
+        } else {
+            self.store.rename_upstream(name, &row).await
+        };
+        stored.map_err(|e| ManageError::Store(e.to_string()))?;
         let up = self.swap(&old, cfg, UpstreamSource::Api).await;
         tracing::info!(upstream = %up.config.name, "managed upstream updated");
         Ok(up)
@@ -330,20 +329,10 @@ impl Gateway {
     /// (rows this process never loaded, e.g. written by `meshgate import`
     /// while it runs, stay).
     async fn forget_managed(&self, name: &str) -> Result<(), ManageError> {
-        let store_err = |e: meshgate_store::StoreError| ManageError::Store(e.to_string());
-        let keep: Vec<String> = self
-            .store
-            .list_upstreams()
-            .await
-            .map_err(store_err)?
-            .into_iter()
-            .filter(|r| r.source == UpstreamSource::Api.label() && r.name != name)
-            .map(|r| r.name)
-            .collect();
         self.store
-            .prune_upstreams(UpstreamSource::Api.label(), &keep)
+            .delete_upstream(name, UpstreamSource::Api.label())
             .await
-            .map_err(store_err)?;
+            .map_err(|e| ManageError::Store(e.to_string()))?;
         Ok(())
     }
 

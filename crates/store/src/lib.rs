@@ -239,6 +239,11 @@ pub trait Store: Send + Sync + 'static {
     async fn list_upstreams(&self) -> StoreResult<Vec<UpstreamRecord>>;
     /// Deletes upstreams of `source` whose names are not in `keep`; returns how many.
     async fn prune_upstreams(&self, source: &str, keep: &[String]) -> StoreResult<u64>;
+    /// Deletes upstream `name` if its source is `source`; returns whether it did.
+    async fn delete_upstream(&self, name: &str, source: &str) -> StoreResult<bool>;
+    /// Stores `record` in place of upstream `old` of the same source, in one
+    /// transaction: a crash leaves the old row or the new one, never both.
+    async fn rename_upstream(&self, old: &str, record: &UpstreamRecord) -> StoreResult<()>;
 
     /// Inserts or replaces a session.
     async fn put_session(&self, record: &SessionRecord) -> StoreResult<()>;

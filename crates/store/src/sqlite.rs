@@ -159,6 +159,21 @@ fn session_from(row: &SqliteRow) -> StoreResult<SessionRecord> {
     })
 }
 
+/// Inserts `r`, or replaces the row of the same name.
+fn upsert_upstream_query(
+    r: &UpstreamRecord,
+) -> sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments<'_>> {
+    sqlx::query(
+        "INSERT INTO upstreams (name, source, definition, created_at, updated_at) VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT(name) DO UPDATE SET source = excluded.source, definition = excluded.definition, updated_at = excluded.updated_at",
+    )
+    .bind(&r.name)
+    .bind(&r.source)
+    .bind(r.definition.to_string())
+    .bind(r.created_at)
+    .bind(r.updated_at)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
@@ -179,17 +194,29 @@ impl Store for SqliteStore {
     }
 
     async fn upsert_upstream(&self, r: &UpstreamRecord) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO upstreams (name, source, definition, created_at, updated_at) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT(name) DO UPDATE SET source = excluded.source, definition = excluded.definition, updated_at = excluded.updated_at",
-        )
-        .bind(&r.name)
-        .bind(&r.source)
-        .bind(r.definition.to_string())
-        .bind(r.created_at)
-        .bind(r.updated_at)
-        .execute(&self.pool)
-        .await?;
+        upsert_upstream_query(r).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn delete_upstream(&self, name: &str, source: &str) -> StoreResult<bool> {
+        let deleted = sqlx::query("DELETE FROM upstreams WHERE name = ? AND source = ?")
+            .bind(name)
+            .bind(source)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(deleted > 0)
+    }
+
+    async fn rename_upstream(&self, old: &str, r: &UpstreamRecord) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM upstreams WHERE name = ? AND source = ?")
+            .bind(old)
+            .bind(&r.source)
+            .execute(&mut *tx)
+            .await?;
+        upsert_upstream_query(r).execute(&mut *tx).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -791,6 +818,24 @@ mod tests {
             .map(|r| r.name)
             .collect();
         assert_eq!(names, ["a", "c"]);
+
+        // One row goes, and only of its own source.
+        assert!(!store.delete_upstream("a", "api").await.unwrap());
+        assert!(store.delete_upstream("c", "api").await.unwrap());
+        assert!(!store.delete_upstream("c", "api").await.unwrap());
+
+        // A rename replaces the row in one step and keeps other sources' rows.
+        let renamed = UpstreamRecord {
+            name: "d".into(),
+            source: "config".into(),
+            definition: json!({"url": "d"}),
+            created_at: 1,
+            updated_at: 2,
+        };
+        store.rename_upstream("a", &renamed).await.unwrap();
+        let rows = store.list_upstreams().await.unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!((rows[0].name.as_str(), rows[0].updated_at), ("d", 2));
     }
 
     #[tokio::test]

@@ -231,11 +231,26 @@ async fn upstreams_are_created_changed_disabled_and_deleted_through_the_api_whil
     )
     .await;
     assert_eq!(code, StatusCode::CREATED, "{v}");
+    // Renamed before the restart: only the new name comes back.
+    let (code, v) = api(
+        &gw,
+        Method::PATCH,
+        "/api/v1/upstreams/d",
+        Some(json!({"name": "e"})),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{v}");
     gw.restart().await;
-    let v = wait_status(&gw, "d", "up").await;
+    let v = wait_status(&gw, "e", "up").await;
     assert_eq!(v["source"], "api");
+    let (code, _) = api(&gw, Method::GET, "/api/v1/upstreams/d", None).await;
+    assert_eq!(
+        code,
+        StatusCode::NOT_FOUND,
+        "the old name is gone from the store"
+    );
     let (session, _) = connect(&gw).await;
-    let echo = call_tool(&session, "d__echo", json!({"message": "after restart"})).await;
+    let echo = call_tool(&session, "e__echo", json!({"message": "after restart"})).await;
     assert_eq!(text_of(&echo), "after restart");
     let (_, audit) = api(&gw, Method::GET, "/api/v1/audit?limit=100", None).await;
     let actions: Vec<&str> = audit["entries"]
