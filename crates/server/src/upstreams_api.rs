@@ -11,7 +11,7 @@
 // Refusals are ready responses, built on the cold path; boxing them would
 // only add an allocation to every refusal.
 #![allow(clippy::result_large_err)]
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -192,15 +192,44 @@ fn visible(s: &AppState, name: &str, reach: &Reach) -> Option<std::sync::Arc<Ups
 }
 
 /// `GET /api/v1/upstreams`.
-async fn list(State(s): State<AppState>, who: Caller) -> Response {
+/// Most upstreams on one page of `GET /api/v1/upstreams`.
+const MAX_PAGE: usize = 500;
+
+/// Query of `GET /api/v1/upstreams`.
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    /// Page size (default 100, at most 500).
+    limit: Option<usize>,
+    /// The `next_cursor` of the previous page: the page starts after it.
+    cursor: Option<String>,
+}
+
+async fn list(State(s): State<AppState>, who: Caller, Query(q): Query<ListQuery>) -> Response {
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("`limit` must be 1 to {MAX_PAGE}"),
+        );
+    }
     let reach = Reach::of(&who);
-    let all: Vec<Value> =
-        s.gw.upstreams
-            .iter()
-            .filter(|u| reach.sees(u))
-            .map(|u| view(&u))
-            .collect();
-    Json(json!({"upstreams": all})).into_response()
+    let mut seen: Vec<std::sync::Arc<Upstream>> =
+        s.gw.upstreams.iter().filter(|u| reach.sees(u)).collect();
+    seen.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+    let total = seen.len();
+    // The cursor is the last name of the previous page, so upstreams added
+    // or removed meanwhile shift nothing.
+    let after = q.cursor.as_deref().unwrap_or("");
+    let rest: Vec<&std::sync::Arc<Upstream>> = seen
+        .iter()
+        .filter(|u| after.is_empty() || u.config.name.as_str() > after)
+        .collect();
+    let page: Vec<Value> = rest.iter().take(limit).map(|u| view(u)).collect();
+    let next = (rest.len() > limit)
+        .then(|| rest.get(limit - 1).map(|u| u.config.name.clone()))
+        .flatten();
+    Json(json!({"upstreams": page, "total": total, "next_cursor": next})).into_response()
 }
 
 /// `GET /api/v1/upstreams/{name}`.

@@ -98,6 +98,33 @@ async fn upstreams_are_created_changed_disabled_and_deleted_through_the_api_whil
     assert_eq!(created["definition"]["headers"]["X-Api-Key"], "***");
     wait_status(&gw, "b", "up").await;
     wait_tools(&session, "gained b__echo", |n| has(n, "b__echo")).await;
+
+    // The list comes in pages by name: a, b, c one at a time.
+    let mut names = Vec::new();
+    let mut path = "/api/v1/upstreams?limit=1".to_owned();
+    loop {
+        let (code, page) = api(&gw, Method::GET, &path, None).await;
+        assert_eq!(code, StatusCode::OK, "{page}");
+        assert_eq!(page["total"], 3, "{page}");
+        let listed = page["upstreams"].as_array().cloned().unwrap_or_default();
+        assert_eq!(listed.len(), 1, "{page}");
+        names.extend(
+            listed
+                .iter()
+                .filter_map(|u| u["name"].as_str().map(str::to_owned)),
+        );
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/api/v1/upstreams?limit=1&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(names, ["a", "b", "c"]);
+    let (code, bad) = api(&gw, Method::GET, "/api/v1/upstreams?limit=0", None).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}");
+    assert!(
+        bad.to_string().contains("`limit` must be 1 to 500"),
+        "{bad}"
+    );
     let echo = call_tool(&session, "b__echo", json!({"message": "via b"})).await;
     assert_eq!(text_of(&echo), "via b");
 
