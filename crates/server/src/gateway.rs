@@ -108,6 +108,8 @@ pub struct Upstream {
     next_worker: std::sync::atomic::AtomicUsize,
     /// Set while a task (re)starts the extra processes.
     starting_workers: AtomicBool,
+    /// A reconnect of the shared connection is running (in its own task).
+    reconnecting: AtomicBool,
     /// The revision era the upstream was found to speak (2026-07-28 or the
     /// session-based ones), remembered for reconnects.
     pub era: Era,
@@ -147,6 +149,7 @@ impl Upstream {
                 .collect(),
             next_worker: Default::default(),
             starting_workers: AtomicBool::new(false),
+            reconnecting: AtomicBool::new(false),
             era: Era::default(),
             source,
             retired: CancellationToken::new(),
@@ -812,7 +815,15 @@ impl Gateway {
             }
             *slot = None;
         }
-        let shared = self.open_shared(up, up.inflight.clone()).await?;
+        // A change or removal of the upstream retires it and then takes this
+        // lock: stop connecting rather than make it wait out the attempt
+        // (a stdio child being started is killed by its drop guard).
+        let shared = tokio::select! {
+            opened = self.open_shared(up, up.inflight.clone()) => opened?,
+            () = up.retired.cancelled() => {
+                return Err(format!("upstream `{}` was removed", up.config.name));
+            }
+        };
         if up.retired.is_cancelled() {
             shared.conn.cancellation_token().cancel();
             return Err(format!("upstream `{}` was removed", up.config.name));
@@ -1188,7 +1199,11 @@ impl Gateway {
                 _ = tick.tick() => {}
             }
             for up in self.upstreams.iter().filter(|u| u.config.enabled) {
-                let live = match up.shared().await {
+                // A connect in progress holds the slot: leave it to finish.
+                let Ok(mut slot) = up.shared.try_lock() else {
+                    continue;
+                };
+                let live = match slot.as_ref() {
                     Some(s) if !s.conn.is_transport_closed() => true,
                     Some(_) => {
                         let why = if up.config.transport == meshgate_core::UpstreamTransport::Stdio
@@ -1198,11 +1213,12 @@ impl Gateway {
                             "the connection closed"
                         };
                         up.set_status(UpstreamStatus::Down(why.into()));
-                        *up.shared.lock().await = None;
+                        *slot = None;
                         false
                     }
                     None => false,
                 };
+                drop(slot);
                 if live {
                     if !up.workers.is_empty() && !up.starting_workers.swap(true, Ordering::AcqRel) {
                         let gw = self.clone();
@@ -1219,44 +1235,64 @@ impl Gateway {
                     .lock()
                     .map(|r| mono_now() >= r.next_at)
                     .unwrap_or(true);
-                if !due {
+                // Each reconnect runs in its own task, so an upstream that
+                // hangs until its connect timeout delays no other.
+                if !due || up.reconnecting.swap(true, Ordering::AcqRel) {
                     continue;
                 }
-                match self.refresh_upstream(&up, &all).await {
-                    Ok(()) => {
-                        let restarts = up
-                            .restart
-                            .lock()
-                            .map(|mut r| {
-                                r.attempts = 0;
-                                r.restarts += 1;
-                                r.restarts
-                            })
-                            .unwrap_or(0);
-                        metrics::counter!("gateway_upstream_restarts_total", "upstream" => up.config.name.clone()).increment(1);
-                        tracing::info!(upstream = %up.config.name, restarts, "upstream reconnected");
-                        up.set_status(UpstreamStatus::Up);
-                        self.rebuild_snapshot();
-                        for kind in &all {
-                            let _ = self.changes.send(*kind);
-                        }
-                    }
-                    Err(e) => {
-                        *up.shared.lock().await = None;
-                        let wait = if let Ok(mut r) = up.restart.lock() {
-                            r.attempts = r.attempts.saturating_add(1);
-                            let ceiling = backoff.ceiling(r.attempts);
-                            let wait =
-                                ceiling / 2 + backoff.jittered(r.attempts, unit_random()) / 2;
-                            r.next_at = mono_now() + wait;
-                            wait
-                        } else {
-                            Duration::from_secs(1)
-                        };
-                        tracing::warn!(upstream = %up.config.name, error = %e, retry_in_ms = wait.as_millis() as u64, "upstream reconnect failed");
-                        up.set_status(UpstreamStatus::Down(e));
-                    }
+                let gw = self.clone();
+                let all = all.clone();
+                tokio::spawn(async move {
+                    gw.reconnect(&up, &all, &backoff).await;
+                    up.reconnecting.store(false, Ordering::Release);
+                });
+            }
+        }
+    }
+
+    /// One reconnect attempt of `up`'s shared connection (and its
+    /// listings); on failure the next is scheduled after `backoff`.
+    async fn reconnect(
+        &self,
+        up: &Arc<Upstream>,
+        all: &HashSet<ListKind>,
+        backoff: &meshgate_core::backoff::RetryPolicy,
+    ) {
+        match self.refresh_upstream(up, all).await {
+            Ok(()) => {
+                let restarts = up
+                    .restart
+                    .lock()
+                    .map(|mut r| {
+                        r.attempts = 0;
+                        r.restarts += 1;
+                        r.restarts
+                    })
+                    .unwrap_or(0);
+                metrics::counter!("gateway_upstream_restarts_total", "upstream" => up.config.name.clone()).increment(1);
+                tracing::info!(upstream = %up.config.name, restarts, "upstream reconnected");
+                up.set_status(UpstreamStatus::Up);
+                self.rebuild_snapshot();
+                for kind in all {
+                    let _ = self.changes.send(*kind);
                 }
+            }
+            Err(e) => {
+                *up.shared.lock().await = None;
+                let wait = if let Ok(mut r) = up.restart.lock() {
+                    r.attempts = r.attempts.saturating_add(1);
+                    let ceiling = backoff.ceiling(r.attempts);
+                    let wait = ceiling / 2 + backoff.jittered(r.attempts, unit_random()) / 2;
+                    r.next_at = mono_now() + wait;
+                    wait
+                } else {
+                    Duration::from_secs(1)
+                };
+                if up.retired.is_cancelled() {
+                    return;
+                }
+                tracing::warn!(upstream = %up.config.name, error = %e, retry_in_ms = wait.as_millis() as u64, "upstream reconnect failed");
+                up.set_status(UpstreamStatus::Down(e));
             }
         }
     }

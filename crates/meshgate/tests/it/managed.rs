@@ -8,8 +8,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::support::{
-    Gateway, GatewayConfig, HttpFixture, Session, call, call_tool, connect, connect_as, create_key,
-    fixture_bin, meshgate_bin, send, text_of, tool_names,
+    Gateway, GatewayConfig, HttpFixture, Session, WAIT, call, call_tool, connect, connect_as,
+    create_key, fixture_bin, meshgate_bin, send, text_of, tool_names,
 };
 
 /// Waits until `check` holds for the session's tool names (at most 15 s).
@@ -571,4 +571,53 @@ async fn an_upstream_held_to_public_addresses_never_connects_to_a_name_that_reso
         "the refusal is logged:\n{}",
         gw.log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_stuck_connecting_is_changed_and_deleted_without_waiting_for_its_timeout() {
+    // Accepts connections (the kernel does) and never answers a request.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_url = format!(
+        "http://{}/mcp",
+        silent.local_addr().expect("the listener's address")
+    );
+    let fx = HttpFixture::start();
+    let gw = Gateway::start(&GatewayConfig::new().http_upstream("fx", &fx.url)).await;
+    // The change must not wait out the 120 s connect attempt.
+    let promptly = |method: Method, path: String, body: Option<Value>| {
+        let gw = &gw;
+        async move {
+            tokio::time::timeout(WAIT, api(gw, method.clone(), &path, body))
+                .await
+                .unwrap_or_else(|_| panic!("{method} {path} waited for the connect attempt"))
+        }
+    };
+
+    for name in ["s1", "s2"] {
+        let (code, v) = api(
+            &gw,
+            Method::POST,
+            "/api/v1/upstreams",
+            Some(json!({"name": name, "transport": "streamable_http", "url": silent_url, "connect_timeout_secs": 120})),
+        )
+        .await;
+        assert_eq!(code, StatusCode::CREATED, "{v}");
+        wait_status(&gw, name, "connecting").await;
+    }
+    let (code, v) = promptly(
+        Method::PATCH,
+        "/api/v1/upstreams/s1".into(),
+        Some(json!({"url": fx.url})),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    wait_status(&gw, "s1", "up").await;
+    let (code, v) = promptly(Method::DELETE, "/api/v1/upstreams/s2".into(), None).await;
+    assert!(code.is_success(), "{code} {v}");
+    let (code, _) = api(&gw, Method::GET, "/api/v1/upstreams/s2", None).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+
+    let (session, _) = connect(&gw).await;
+    let echo = call_tool(&session, "s1__echo", json!({"message": "moved"})).await;
+    assert_eq!(text_of(&echo), "moved");
 }
