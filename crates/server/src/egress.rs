@@ -48,12 +48,24 @@ pub fn non_public(ip: IpAddr) -> bool {
 pub fn private_destination(url: &str) -> Option<String> {
     let parsed = reqwest::Url::parse(url).ok()?;
     let raw = parsed.host_str()?;
-    let unbracketed = raw.trim_start_matches('[').trim_end_matches(']');
-    let Ok(host) = unbracketed.parse::<IpAddr>() else {
-        let d = raw.trim_end_matches('.').to_ascii_lowercase();
-        return (d == "localhost" || d.ends_with(".localhost"))
-            .then(|| format!("`{d}` is this machine"));
-    };
+    if let Some(why) = non_public_literal(url) {
+        return Some(why);
+    }
+    let d = raw.trim_end_matches('.').to_ascii_lowercase();
+    (d == "localhost" || d.ends_with(".localhost")).then(|| format!("`{d}` is this machine"))
+}
+
+/// Why `url` is refused to a `public_addresses_only` upstream without any
+/// lookup: its host is a non-public address literal, which reqwest connects
+/// to without asking the resolver.
+pub fn non_public_literal(url: &str) -> Option<String> {
+    let parsed = reqwest::Url::parse(url).ok()?;
+    let raw = parsed.host_str()?;
+    let host = raw
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .ok()?;
     non_public(host).then(|| format!("{host} is a loopback, private or link-local address"))
 }
 
@@ -159,6 +171,33 @@ mod tests {
         ] {
             assert!(private_destination(url).is_none(), "{url}");
         }
+    }
+
+    #[test]
+    fn literals_are_refused_to_public_only_clients_before_any_connection() {
+        let clients = crate::gateway::HttpClients::default();
+        let err = clients
+            .for_upstream("http://10.0.0.7:8080/mcp", true)
+            .expect_err("a private literal");
+        assert!(
+            err.contains("10.0.0.7") && err.contains("public_addresses_only"),
+            "{err}"
+        );
+        assert_eq!(
+            non_public_literal("http://localhost/mcp"),
+            None,
+            "names go to the resolver"
+        );
+        assert!(
+            clients
+                .for_upstream("http://10.0.0.7:8080/mcp", false)
+                .is_ok()
+        );
+        assert!(
+            clients
+                .for_upstream("https://mcp.example.com/mcp", true)
+                .is_ok()
+        );
     }
 
     #[tokio::test]

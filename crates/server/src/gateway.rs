@@ -304,6 +304,11 @@ impl HttpClients {
     /// The client for an upstream at `url`; with `public_only`, one that
     /// connects to public addresses only.
     pub fn for_upstream(&self, url: &str, public_only: bool) -> Result<reqwest::Client, String> {
+        if public_only && let Some(why) = crate::egress::non_public_literal(url) {
+            return Err(format!(
+                "{why}, and public_addresses_only connects to public addresses only"
+            ));
+        }
         let tls = url.starts_with("https://");
         let cell = match (public_only, tls) {
             (false, false) => &self.plain,
@@ -1243,8 +1248,10 @@ impl Gateway {
                 let gw = self.clone();
                 let all = all.clone();
                 tokio::spawn(async move {
+                    // Cleared however the task ends, a panic included, so
+                    // the upstream is never left without reconnects.
+                    let _flag = ReconnectFlag(up.clone());
                     gw.reconnect(&up, &all, &backoff).await;
-                    up.reconnecting.store(false, Ordering::Release);
                 });
             }
         }
@@ -1427,6 +1434,15 @@ impl Gateway {
     /// health check marks it up again.
     pub fn report_failure(&self, up: &Upstream, error: &str) {
         up.set_status(UpstreamStatus::Down(error.to_owned()));
+    }
+}
+
+/// Clears an upstream's `reconnecting` flag when its reconnect task ends.
+struct ReconnectFlag(Arc<Upstream>);
+
+impl Drop for ReconnectFlag {
+    fn drop(&mut self) {
+        self.0.reconnecting.store(false, Ordering::Release);
     }
 }
 
