@@ -1149,32 +1149,44 @@ impl Gateway {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            for up in self.upstreams.iter().filter(|u| u.config.enabled) {
-                let Some(s) = up.shared().await else { continue };
-                if s.conn.is_transport_closed() {
-                    continue;
-                }
-                // 2026-07-28 has no ping; server/discover is the cheapest request there.
-                let probe = if crate::upstream::is_modern_connection(s.conn.peer()) {
-                    rmcp::model::ClientRequest::DiscoverRequest(rmcp::model::DiscoverRequest::new(
-                        Default::default(),
-                    ))
-                } else {
-                    rmcp::model::ClientRequest::PingRequest(Default::default())
-                };
-                let ping = s.conn.peer().send_request(probe);
-                if matches!(
-                    tokio::time::timeout(Duration::from_secs(5), ping).await,
-                    Ok(Ok(_))
-                ) {
-                    up.set_status(UpstreamStatus::Up);
-                } else {
-                    up.set_status(UpstreamStatus::Down(
-                        "did not answer a ping within 5 s".into(),
-                    ));
-                    *up.shared.lock().await = None;
-                }
-            }
+            // All at once, so a slow upstream does not delay the others'
+            // probes; one still connecting holds its slot and is skipped.
+            let probes = self
+                .upstreams
+                .iter()
+                .filter(|u| u.config.enabled)
+                .filter_map(|up| {
+                    let s = up.shared.try_lock().ok()?.clone()?;
+                    (!s.conn.is_transport_closed()).then_some((up, s))
+                })
+                .map(|(up, s)| async move {
+                    // 2026-07-28 has no ping; server/discover is the cheapest request there.
+                    let probe = if crate::upstream::is_modern_connection(s.conn.peer()) {
+                        rmcp::model::ClientRequest::DiscoverRequest(
+                            rmcp::model::DiscoverRequest::new(Default::default()),
+                        )
+                    } else {
+                        rmcp::model::ClientRequest::PingRequest(Default::default())
+                    };
+                    let ping = s.conn.peer().send_request(probe);
+                    if matches!(
+                        tokio::time::timeout(Duration::from_secs(5), ping).await,
+                        Ok(Ok(_))
+                    ) {
+                        up.set_status(UpstreamStatus::Up);
+                    } else {
+                        up.set_status(UpstreamStatus::Down(
+                            "did not answer a ping within 5 s".into(),
+                        ));
+                        let mut slot = up.shared.lock().await;
+                        // Only the connection that failed: a reconnect may
+                        // have replaced it meanwhile.
+                        if slot.as_ref().is_some_and(|now| Arc::ptr_eq(now, &s)) {
+                            *slot = None;
+                        }
+                    }
+                });
+            futures::future::join_all(probes).await;
         }
     }
 
