@@ -63,6 +63,22 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/cache", axum::routing::delete(flush_cache))
 }
 
+/// Most entries on one page of a paged API list.
+pub(crate) const MAX_PAGE: usize = 500;
+
+/// The page size of a paged API list: `limit`, 100 when absent, refused
+/// outside 1 to [`MAX_PAGE`].
+pub(crate) fn page_limit(limit: Option<usize>) -> Result<usize, Response> {
+    match limit.unwrap_or(100) {
+        n @ 1..=MAX_PAGE => Ok(n),
+        _ => Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("`limit` must be 1 to {MAX_PAGE}"),
+        )),
+    }
+}
+
 pub(crate) fn error(status: StatusCode, reason: &str, message: String) -> Response {
     (
         status,

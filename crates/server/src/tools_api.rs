@@ -42,9 +42,6 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/tools/{name}/execute", post(execute))
 }
 
-/// Largest page.
-const MAX_PAGE: usize = 500;
-
 type Caller = Option<Extension<RequestPrincipal>>;
 
 fn principal(who: &Caller) -> Result<Arc<Principal>, Response> {
@@ -118,14 +115,10 @@ async fn list(State(s): State<AppState>, who: Caller, Query(q): Query<ListQuery>
             );
         }
     };
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > MAX_PAGE {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("`limit` must be 1 to {MAX_PAGE}"),
-        );
-    }
+    let limit = match crate::admin::page_limit(q.limit) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
     let start = match q.cursor.as_deref().map(str::parse::<usize>).transpose() {
         Ok(c) => c.unwrap_or(0),
         Err(_) => {

@@ -191,10 +191,6 @@ fn visible(s: &AppState, name: &str, reach: &Reach) -> Option<std::sync::Arc<Ups
     s.gw.upstream_named(name).filter(|u| reach.sees(u))
 }
 
-/// `GET /api/v1/upstreams`.
-/// Most upstreams on one page of `GET /api/v1/upstreams`.
-const MAX_PAGE: usize = 500;
-
 /// Query of `GET /api/v1/upstreams`.
 #[derive(serde::Deserialize)]
 struct ListQuery {
@@ -205,14 +201,10 @@ struct ListQuery {
 }
 
 async fn list(State(s): State<AppState>, who: Caller, Query(q): Query<ListQuery>) -> Response {
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > MAX_PAGE {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("`limit` must be 1 to {MAX_PAGE}"),
-        );
-    }
+    let limit = match crate::admin::page_limit(q.limit) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
     let reach = Reach::of(&who);
     let mut seen: Vec<std::sync::Arc<Upstream>> =
         s.gw.upstreams.iter().filter(|u| reach.sees(u)).collect();

@@ -48,6 +48,18 @@ where
     }
 }
 
+/// Asserts the log says upstream `fx`'s process `pid` ended after the
+/// gateway closed its connection.
+fn assert_end_logged(gw: &Gateway, pid: u32) {
+    assert!(
+        log_lines(gw).iter().any(|l| l["upstream"] == "fx"
+            && l["pid"] == pid
+            && l["message"] == "upstream process ended after its connection closed"),
+        "the end of process {pid} is logged:\n{}",
+        gw.log()
+    );
+}
+
 /// `/proc/<pid>/stat`: (state, parent pid), if the process exists.
 fn stat(pid: u32) -> Option<(char, u32)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -244,14 +256,7 @@ async fn per_session_processes_are_one_per_session_and_end_with_it() {
     assert!(alive(p2) && alive(shared), "the others keep running");
     assert_eq!(pid_of(&two, "whoami").await, p2);
 
-    let lines = log_lines(&gw);
-    assert!(
-        lines.iter().any(|l| l["upstream"] == "fx"
-            && l["pid"] == p1
-            && l["message"] == "upstream process ended after its connection closed"),
-        "the end of the session's process is logged:\n{}",
-        gw.log()
-    );
+    assert_end_logged(&gw, p1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,14 +290,7 @@ async fn a_session_process_idle_past_its_timeout_ends_and_one_in_use_stays() {
         idle_since.elapsed()
     );
     assert!(alive(p_busy), "the busy session's process runs on");
-    let lines = log_lines(&gw);
-    assert!(
-        lines.iter().any(|l| l["upstream"] == "fx"
-            && l["pid"] == p_idle
-            && l["message"] == "upstream process ended after its connection closed"),
-        "the end of the idle process is logged:\n{}",
-        gw.log()
-    );
+    assert_end_logged(&gw, p_idle);
 
     // The idle session is still open: its next call starts a new process.
     let again = pid_of(&idle, "whoami").await;
